@@ -1,0 +1,27 @@
+# `make demo` and `make test` set up .venv (Python >= 3.12, found explicitly) and run.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test bench clean
+
+$(STAMP): setup.py
+	@bash scripts/make_venv.sh $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m btx_jax.train --config configs/demo_dense.py --workdir runs/seed
+
+test: $(STAMP)
+	$(PY) -m pytest tests -q -n 2 --durations=15
+
+bench: $(STAMP)
+	$(PY) bench/train_step.py
+
+clean:
+	rm -rf $(VENV) runs data

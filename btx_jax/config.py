@@ -1,0 +1,172 @@
+"""The config schema and the one validation pass every entry point runs first.
+
+Config files (``configs/*.py``) start from :func:`base_config` and change fields; the
+schema here is the single list of fields that exist, so a typo in a config file or an
+override is caught before any work starts, with the field's name and a fix.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+import os
+
+from ml_collections import ConfigDict
+
+# Sections whose keys are chosen by the user (domain names), not by the schema.
+_FREE_FORM = ("data.domains", "data.weights", "data.eval_domains")
+
+DTYPES = ("float32", "bfloat16")
+REMAT_POLICIES = ("none", "full", "dots")
+TOKENIZERS = ("byte", "sentencepiece")
+
+
+class ConfigError(ValueError):
+    """A config field has a bad value; the message names the field and the fix."""
+
+    def __init__(self, field: str, problem: str, fix: str):
+        super().__init__(f"config.{field}: {problem}\n  fix: {fix}")
+        self.field = field
+
+
+def base_config() -> ConfigDict:
+    """Every field that exists, with its default. Config files override these."""
+    c = ConfigDict()
+    c.model = ConfigDict(dict(
+        vocab_size=384,        # >= the tokenizer's vocabulary (byte tokenizer: 259)
+        d_model=128,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=4,        # < num_heads: grouped-query attention
+        head_dim=32,
+        mlp_dim=384,           # SwiGLU hidden width F
+        rope_theta=10_000.0,
+        norm_eps=1e-5,
+        tie_embeddings=False,
+        init_std=0.02,
+        dtype="float32",       # compute dtype: float32 | bfloat16
+        param_dtype="float32",
+        remat="none",          # none | full | dots (save matmul outputs only)
+    ))
+    c.mesh = ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))  # -1: the remaining devices
+    c.data = ConfigDict(dict(
+        data_dir="data/tfds",  # where TFDS datasets are built / read (ArrayRecord)
+        # domain name -> source: "demo:<code|math|prose>", "files:<glob>[,<glob>...]"
+        # (.txt: one document per file; .jsonl: one per line, field "text"),
+        # or "tfds:<name>[/<config>][:<version>]" (an ArrayRecord TFDS dataset with a "text" feature).
+        domains=ConfigDict(dict(code="demo:code", math="demo:math", prose="demo:prose")),
+        weights=ConfigDict(),  # domain -> mixture weight; empty = uniform
+        eval_domains=ConfigDict(),  # extra held-out-only domains, same source syntax
+        build_if_missing=True,  # build demo/files datasets when absent from data_dir
+        tokenizer="byte",      # byte | sentencepiece
+        spm_model="",          # path to a SentencePiece .model when tokenizer=sentencepiece
+        seq_len=256,
+        batch_size=16,         # global batch, in packed rows
+        max_chunks_per_doc=64,  # longer documents are cut into seq_len chunks, the rest dropped
+        packing_bins=0,        # 0: batch_size
+        seed=0,
+    ))
+    c.optim = ConfigDict(dict(
+        lr=3e-3, warmup_steps=50, min_lr_ratio=0.1, weight_decay=0.1,
+        b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0,
+        z_loss=0.0,            # coefficient of log(Z)^2 on the output logits
+    ))
+    c.train = ConfigDict(dict(
+        steps=600, seed=0,
+        log_every=20, eval_every=200, eval_batches=4,
+        checkpoint_every=200, keep_checkpoints=3,
+        init_from="",          # checkpoint dir (or step dir) whose params start this run, fresh optimizer
+        peak_flops=0.0,        # FLOP/s of the whole job for MFU; 0: look up / measure
+    ))
+    return c
+
+
+def _suggest(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f"did you mean '{close[0]}'?" if close else f"valid fields: {', '.join(sorted(options))}"
+
+
+def check_fields(config: ConfigDict, schema: ConfigDict | None = None, prefix: str = "") -> None:
+    """Every field in `config` must exist in the schema (catches typos in config files)."""
+    schema = base_config() if schema is None else schema
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if key not in schema:
+            raise ConfigError(path, "unknown field", _suggest(key, schema.keys()))
+        if isinstance(value, ConfigDict) and path not in _FREE_FORM:
+            check_fields(value, schema[key], path + ".")
+
+
+def _positive(config: ConfigDict, *fields: str) -> None:
+    for field in fields:
+        section, key = field.split(".")
+        value = config[section][key]
+        if not value > 0:
+            raise ConfigError(field, f"must be > 0, got {value!r}", f"set --config.{field} to a positive value")
+
+
+def _check_model(m: ConfigDict) -> None:
+    _positive(ConfigDict({"model": m}), "model.vocab_size", "model.d_model", "model.num_layers",
+              "model.num_heads", "model.num_kv_heads", "model.head_dim", "model.mlp_dim")
+    if m.num_heads % m.num_kv_heads:
+        raise ConfigError("model.num_kv_heads", f"{m.num_kv_heads} does not divide num_heads={m.num_heads}",
+                          "choose num_kv_heads among the divisors of num_heads")
+    if m.head_dim % 2:
+        raise ConfigError("model.head_dim", f"must be even for RoPE, got {m.head_dim}", "use an even head_dim")
+    for field in ("dtype", "param_dtype"):
+        if m[field] not in DTYPES:
+            raise ConfigError(f"model.{field}", f"unknown dtype {m[field]!r}", f"use one of {DTYPES}")
+    if m.remat not in REMAT_POLICIES:
+        raise ConfigError("model.remat", f"unknown policy {m.remat!r}", f"use one of {REMAT_POLICIES}")
+
+
+def _check_data(d: ConfigDict) -> None:
+    if not d.domains:
+        raise ConfigError("data.domains", "no training domains", "name at least one, e.g. code='demo:code'")
+    for name, spec in list(d.domains.items()) + list(d.eval_domains.items()):
+        if not isinstance(spec, str) or spec.split(":", 1)[0] not in ("demo", "files", "tfds") or ":" not in spec:
+            raise ConfigError(f"data.domains.{name}", f"bad source {spec!r}",
+                              "use 'demo:<code|math|prose>', 'files:<glob>' or 'tfds:<name>'")
+    for name, weight in d.weights.items():
+        if name not in d.domains:
+            raise ConfigError(f"data.weights.{name}", "weight for a domain that is not in data.domains",
+                              _suggest(name, d.domains.keys()))
+        if not weight >= 0:
+            raise ConfigError(f"data.weights.{name}", f"must be >= 0, got {weight}", "use a non-negative weight")
+    if d.weights and sum(d.weights.get(n, 0.0) for n in d.domains) <= 0:
+        raise ConfigError("data.weights", "all mixture weights are zero", "give at least one domain weight > 0")
+    if d.tokenizer not in TOKENIZERS:
+        raise ConfigError("data.tokenizer", f"unknown tokenizer {d.tokenizer!r}", f"use one of {TOKENIZERS}")
+    if d.tokenizer == "sentencepiece" and not os.path.isfile(d.spm_model):
+        raise ConfigError("data.spm_model", f"SentencePiece model file not found: {d.spm_model!r}",
+                          "train one with `python -m btx_jax.data.train_tokenizer` or point to an existing .model")
+    _positive(ConfigDict({"data": d}), "data.seq_len", "data.batch_size", "data.max_chunks_per_doc")
+
+
+def _check_optim_train(c: ConfigDict) -> None:
+    _positive(c, "optim.lr", "train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
+              "train.checkpoint_every", "train.keep_checkpoints")
+    if not 0 <= c.optim.min_lr_ratio <= 1:
+        raise ConfigError("optim.min_lr_ratio", f"must be in [0, 1], got {c.optim.min_lr_ratio}", "use e.g. 0.1")
+    if c.optim.warmup_steps < 0 or c.optim.warmup_steps >= c.train.steps:
+        raise ConfigError("optim.warmup_steps", f"{c.optim.warmup_steps} is not in [0, train.steps={c.train.steps})",
+                          "use fewer warmup steps than training steps")
+    if c.train.init_from and not os.path.exists(os.path.expanduser(c.train.init_from)):
+        raise ConfigError("train.init_from", f"checkpoint not found: {c.train.init_from!r}",
+                          "point it to a workdir's checkpoints/ directory or one of its step directories")
+
+
+def validate(config: ConfigDict) -> ConfigDict:
+    """Checks every field once; returns the config. Mesh/device checks live in sharding.py."""
+    check_fields(config)
+    _check_model(config.model)
+    _check_data(config.data)
+    _check_optim_train(config)
+    return config
+
+
+def domain_weights(data: ConfigDict) -> dict[str, float]:
+    """Normalized mixture weights per training domain (uniform when none are given)."""
+    names = sorted(data.domains.keys())
+    raw = {n: float(data.weights.get(n, 0.0 if data.weights else 1.0)) for n in names}
+    total = math.fsum(raw.values())
+    return {n: w / total for n, w in raw.items()}

@@ -1,0 +1,57 @@
+"""Model FLOPs per token (for MFU and compute accounting) and the hardware peak to divide by."""
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+# Dense bf16 matmul peak per chip, FLOP/s (vendor figures).
+_PEAK_BY_DEVICE_KIND = {
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12,
+    "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100-SXM4-80GB": 312e12,
+}
+
+
+def matmul_params(m) -> int:
+    """N: weights that take part in matmuls (attention, FFN, lm_head), without embeddings and norms."""
+    attn = m.d_model * m.head_dim * (2 * m.num_heads + 2 * m.num_kv_heads)
+    ffn = 3 * m.d_model * m.mlp_dim
+    return m.num_layers * (attn + ffn) + m.d_model * m.vocab_size
+
+
+def train_flops_per_token(m, seq_len: int) -> float:
+    """6 N (forward + backward of the matmuls) + 6 L (H Dh) seq (causal attention scores and mixing)."""
+    return 6.0 * matmul_params(m) + 6.0 * m.num_layers * m.num_heads * m.head_dim * seq_len
+
+
+def measure_matmul_flops(n: int = 2048, repeats: int = 10) -> float:
+    """Best-of-`repeats` f32 n x n matmul FLOP/s on the first device, after a warm-up."""
+    device = jax.devices()[0]
+    a = jax.device_put(jax.random.normal(jax.random.key(0), (n, n), jnp.float32), device)
+    b = jax.device_put(jax.random.normal(jax.random.key(1), (n, n), jnp.float32), device)
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * n**3 / best
+
+
+def job_peak_flops(configured: float = 0.0) -> float:
+    """FLOP/s of the whole job: configured, else the vendor figure x devices, else measured.
+
+    On CPU the fake devices share the host's cores, so the measured host matmul rate is the
+    job's peak however many devices the mesh has.
+    """
+    if configured > 0:
+        return configured
+    devices = jax.devices()
+    per_device = _PEAK_BY_DEVICE_KIND.get(devices[0].device_kind)
+    if per_device is not None:
+        return per_device * len(devices)
+    if devices[0].platform == "cpu":
+        return measure_matmul_flops()
+    return measure_matmul_flops() * len(devices)

@@ -1,0 +1,189 @@
+"""Llama-style decoder in Flax NNX: RMSNorm, RoPE, grouped-query attention, SwiGLU FFN.
+
+Layers are stacked on a leading ``layers`` axis and applied with ``nnx.scan`` so compile
+time does not grow with depth. Parameter paths are a contract with the checkpoint surgeon
+(see ``btx_jax/models/README`` in DESIGN.md): the FFN is ``layers/mlp/{gate,up,down}/kernel``.
+
+Axis letters: B batch, T sequence, D model, H query heads, K key/value heads,
+G = H / K query heads per key/value head, Dh head dim, F FFN hidden, V vocab, L layers.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from btx_jax.sharding import constrain
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the block in the backward pass
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    vocab_size: int
+    d_model: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    mlp_dim: int
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: str = "none"
+
+    @classmethod
+    def from_config(cls, model_config) -> "TransformerConfig":
+        return cls(**dict(model_config))
+
+
+def _param(rngs: nnx.Rngs, shape, axes, std: float, dtype) -> nnx.Param:
+    init = nnx.with_partitioning(nnx.initializers.normal(std), axes)
+    return nnx.Param(init(rngs.params(), shape, dtype))
+
+
+class Projection(nnx.Module):
+    """A bias-free linear map applied with an explicit einsum (its `kernel` carries logical axes)."""
+
+    def __init__(self, shape, axes, *, std, cfg: TransformerConfig, rngs: nnx.Rngs):
+        self.kernel = _param(rngs, shape, axes, std, cfg.param_dtype)
+        self.dtype = cfg.dtype
+
+    def __call__(self, equation: str, x: jax.Array) -> jax.Array:
+        return jnp.einsum(equation, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * scale, computed in float32 whatever the compute dtype."""
+
+    def __init__(self, cfg: TransformerConfig):
+        init = nnx.with_partitioning(nnx.initializers.ones, ("norm",))
+        self.scale = nnx.Param(init(None, (cfg.d_model,), cfg.param_dtype))
+        self.eps, self.dtype = cfg.norm_eps, cfg.dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, rotate-half convention (as Llama in Hugging Face). x: [B, T, N, Dh]."""
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, Dh/2]
+    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def attention_mask(segment_ids: jax.Array) -> jax.Array:
+    """[B, 1, 1, T, S]: causal, and a token sees only tokens of its own packed document."""
+    t = segment_ids.shape[1]
+    causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+    same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (causal & same_doc)[:, None, None, :, :]
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with RoPE; softmax in float32."""
+
+    def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
+        d, h, k, dh, std = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.init_std
+        self.q = Projection((d, h, dh), ("embed", "heads", "head_dim"), std=std, cfg=cfg, rngs=rngs)
+        self.k = Projection((d, k, dh), ("embed", "kv_heads", "head_dim"), std=std, cfg=cfg, rngs=rngs)
+        self.v = Projection((d, k, dh), ("embed", "kv_heads", "head_dim"), std=std, cfg=cfg, rngs=rngs)
+        self.o = Projection((h, dh, d), ("heads", "head_dim", "embed"), std=std, cfg=cfg, rngs=rngs)
+        self.num_kv_heads, self.rope_theta = k, cfg.rope_theta
+
+    def __call__(self, x, segment_ids, positions):
+        q = rope(self.q("btd,dhk->bthk", x), positions, self.rope_theta)
+        k = rope(self.k("btd,dnk->btnk", x), positions, self.rope_theta)
+        v = self.v("btd,dnk->btnk", x)
+        q = constrain(q, "batch", "length", "act_heads", None)
+        b, t, h, dh = q.shape
+        q = q.reshape(b, t, self.num_kv_heads, h // self.num_kv_heads, dh)  # [B, T, K, G, Dh]
+        scores = jnp.einsum("btngk,bsnk->bngts", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(dh)
+        scores = jnp.where(attention_mask(segment_ids), scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bngts,bsnk->btngk", probs, v).reshape(b, t, h, dh)
+        return self.o("bthk,hkd->btd", out)
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
+        d, f, std = cfg.d_model, cfg.mlp_dim, cfg.init_std
+        self.gate = Projection((d, f), ("embed", "mlp"), std=std, cfg=cfg, rngs=rngs)
+        self.up = Projection((d, f), ("embed", "mlp"), std=std, cfg=cfg, rngs=rngs)
+        self.down = Projection((f, d), ("mlp", "embed"), std=std, cfg=cfg, rngs=rngs)
+
+    def __call__(self, x):
+        h = jax.nn.silu(self.gate("btd,df->btf", x)) * self.up("btd,df->btf", x)
+        return self.down("btf,fd->btd", constrain(h, "batch", "length", "act_mlp"))
+
+
+class Block(nnx.Module):
+    """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg)
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm = RMSNorm(cfg)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x, segment_ids, positions):
+        x = x + self.attn(self.attn_norm(x), segment_ids, positions)
+        x = x + self.mlp(self.mlp_norm(x))
+        return constrain(x, "batch", "length", "act_embed")
+
+
+class Transformer(nnx.Module):
+    """Token ids [B, T] -> next-token logits [B, T, V] (float32)."""
+
+    def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        embed_init = nnx.with_partitioning(nnx.initializers.normal(cfg.init_std), ("vocab", "embed"))
+        self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, embedding_init=embed_init,
+                               param_dtype=cfg.param_dtype, dtype=cfg.dtype, rngs=rngs)
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_layers(rngs):
+            return Block(cfg, rngs)
+
+        self.layers = make_layers(rngs)
+        self.final_norm = RMSNorm(cfg)
+        if not cfg.tie_embeddings:
+            self.lm_head = Projection((cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
+                                      std=cfg.init_std, cfg=cfg, rngs=rngs)
+
+    def __call__(self, tokens, segment_ids=None, positions=None):
+        if segment_ids is None:
+            segment_ids = jnp.ones_like(tokens)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        x = constrain(self.embed(tokens), "batch", "length", "act_embed")
+
+        def apply_block(x, block):
+            return block(x, segment_ids, positions)
+
+        if self.cfg.remat != "none":
+            apply_block = nnx.remat(apply_block, policy=_REMAT_POLICIES[self.cfg.remat])
+        scan = nnx.scan(apply_block, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
+                        transform_metadata={nnx.PARTITION_NAME: "layers"})
+        x = self.final_norm(scan(x, self.layers))
+        if self.cfg.tie_embeddings:
+            logits = self.embed.attend(x)
+        else:
+            logits = self.lm_head("btd,dv->btv", x)
+        return constrain(logits.astype(jnp.float32), "batch", "length", "act_vocab")

@@ -1,0 +1,93 @@
+"""The training state: model graph, sharded parameters, optimizer, and their shardings.
+
+The state is a plain dict ``{"params", "opt_state", "step"}`` of arrays (parameters as
+``nnx.to_pure_dict`` nested dicts), so Orbax saves and restores it directly and the
+surgeon can address any leaf by its path.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from btx_jax import sharding
+from btx_jax.models.transformer import Transformer, TransformerConfig
+
+
+def build_model(model_config, seed: int = 0) -> Transformer:
+    return Transformer(TransformerConfig.from_config(model_config), nnx.Rngs(seed))
+
+
+def schedule(optim_config, steps: int) -> optax.Schedule:
+    """Linear warmup to lr, then cosine decay to lr * min_lr_ratio at the last step."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=optim_config.lr, warmup_steps=optim_config.warmup_steps,
+        decay_steps=steps, end_value=optim_config.lr * optim_config.min_lr_ratio)
+
+
+def _decay_mask(params):
+    """Weight decay on matrices only: not on norm scales (whatever their stacked rank)."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key != "scale", params)
+
+
+def optimizer(optim_config, steps: int) -> optax.GradientTransformation:
+    return optax.chain(
+        optax.clip_by_global_norm(optim_config.grad_clip),
+        optax.adamw(schedule(optim_config, steps), b1=optim_config.b1, b2=optim_config.b2,
+                    eps=optim_config.eps, weight_decay=optim_config.weight_decay, mask=_decay_mask))
+
+
+@dataclasses.dataclass
+class TrainSetup:
+    """Everything the step functions need that is not an array."""
+
+    graphdef: nnx.GraphDef
+    tx: optax.GradientTransformation
+    mesh: Mesh
+    abstract_params: dict  # ShapeDtypeStruct leaves carrying their NamedSharding
+    state_shardings: dict
+
+    def abstract_state(self) -> dict:
+        """ShapeDtypeStructs with shardings: targets for restoring onto this mesh."""
+        shapes = jax.eval_shape(self._init_opt, self.abstract_params)
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            shapes, self.state_shardings)
+
+    def _init_opt(self, params):
+        return {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+    def init_state(self, params: dict) -> dict:
+        """Fresh optimizer state around the given (already sharded) params."""
+        return jax.jit(self._init_opt, out_shardings=self.state_shardings)(params)
+
+
+def make_setup(config, mesh: Mesh) -> TrainSetup:
+    """Abstract model on the mesh (no memory used) and the shardings of every state leaf."""
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.RULES):
+        graphdef, abs_state = nnx.get_abstract_model(lambda: build_model(config.model), mesh)
+    abstract_params = nnx.to_pure_dict(abs_state)
+    param_shardings = jax.tree.map(lambda a: a.sharding, abstract_params)
+    tx = optimizer(config.optim, config.train.steps)
+    opt_shardings = optax.tree_map_params(
+        tx, lambda _, s: s, jax.eval_shape(tx.init, abstract_params), param_shardings,
+        transform_non_params=lambda _: NamedSharding(mesh, P()))
+    state_shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": NamedSharding(mesh, P())}
+    return TrainSetup(graphdef, tx, mesh, abstract_params, state_shardings)
+
+
+def init_params(config, setup: TrainSetup, seed: int) -> dict:
+    """Random parameters created directly in their shards (never whole on one device)."""
+    def create():
+        return nnx.to_pure_dict(nnx.state(build_model(config.model, seed)))
+
+    shardings = jax.tree.map(lambda a: a.sharding, setup.abstract_params)
+    with jax.set_mesh(setup.mesh), nnx.logical_axis_rules(sharding.RULES):
+        return jax.jit(create, out_shardings=shardings)()
+
+
+def param_count(abstract_params) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(abstract_params))

@@ -1,0 +1,195 @@
+"""``python -m btx_jax.train --config configs/demo_dense.py --workdir runs/seed``
+
+Trains a model on the configured domain mixture: jitted sharded steps, periodic logging,
+per-domain held-out evaluation and Orbax checkpoints (with the data iterator), resuming
+automatically from the latest checkpoint in the workdir. SIGTERM/SIGINT save and exit.
+"""
+from __future__ import annotations
+
+import signal
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from btx_jax import checkpoint, config as config_lib, sharding, steps
+from btx_jax.data import pipeline
+from btx_jax.data.tokenizer import make_tokenizer
+from btx_jax.flops import job_peak_flops, train_flops_per_token
+from btx_jax.metrics import MetricsWriter
+from btx_jax.data.datasets import DataError
+from btx_jax.state import TrainSetup, init_params, make_setup, param_count, schedule
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo_dense.py[:variant].",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard logs.")
+
+
+# Errors caused by the user's input: printed as one clear message, exit status 2.
+USER_ERRORS = (config_lib.ConfigError, DataError, checkpoint.CheckpointError)
+
+
+class StopRequested:
+    """Turns SIGTERM/SIGINT into a flag the loop checks after each step (save, then exit)."""
+
+    def __init__(self):
+        self.signum = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n[train] received {signal.Signals(signum).name}: saving a checkpoint after this step", flush=True)
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _check_tokenizer(config) -> None:
+    vocab = make_tokenizer(config.data).vocab_size
+    if config.model.vocab_size < vocab:
+        raise config_lib.ConfigError("model.vocab_size", f"{config.model.vocab_size} is smaller than the "
+                                     f"tokenizer's vocabulary ({vocab})", f"use at least {vocab}")
+
+
+def initial_state(config, setup: TrainSetup, manager, data_iterator) -> tuple[dict, int]:
+    """Latest checkpoint of this workdir if any, else params from init_from, else random."""
+    latest = manager.latest_step()
+    if latest is not None:
+        checkpoint.check_compatible(checkpoint.step_dir(str(manager.directory)), setup.abstract_params)
+        print(f"[train] resuming from step {latest} in {manager.directory}", flush=True)
+        return checkpoint.restore(manager, latest, setup.abstract_state(), data_iterator), latest
+    if config.train.init_from:
+        print(f"[train] initialising params from {checkpoint.step_dir(config.train.init_from)} "
+              "(fresh optimizer, step 0)", flush=True)
+        return setup.init_state(checkpoint.load_params(config.train.init_from, setup.abstract_params)), 0
+    return setup.init_state(init_params(config, setup, config.train.seed)), 0
+
+
+def load_eval_sets(config) -> dict:
+    """Per-domain held-out batches, read once: every evaluation sees the same tokens."""
+    names = pipeline.domain_names(config.data) + sorted(config.data.eval_domains.keys())
+    sources = pipeline.open_sources(config.data, "eval", names)
+    return {name: pipeline.eval_batches(config.data, src, i, config.train.eval_batches,
+                                        jax.process_index(), jax.process_count())
+            for i, (name, src) in enumerate(sources.items())}
+
+
+def evaluate(eval_step, params, eval_sets: dict, batch_shardings) -> dict:
+    """eval/<domain>/{loss,ppl} and their averages over domains."""
+    out = {}
+    for name, batches in eval_sets.items():
+        nll, count = 0.0, 0.0
+        for batch in batches:
+            s, c = eval_step(params, steps.to_global(batch, batch_shardings))
+            nll, count = nll + float(s), count + float(c)
+        loss = nll / max(count, 1.0)
+        out[f"eval/{name}/loss"], out[f"eval/{name}/ppl"] = loss, float(np.exp(loss))
+    out["eval/avg_loss"] = float(np.mean([v for k, v in out.items() if k.endswith("/loss")]))
+    out["eval/avg_ppl"] = float(np.mean([v for k, v in out.items() if k.endswith("/ppl")]))
+    return out
+
+
+class Throughput:
+    """Steps/s, tokens/s, MFU and ETA over the steps since the last report."""
+
+    def __init__(self, config, total_steps: int, start_step: int):
+        self.tokens_per_step = config.data.batch_size * config.data.seq_len
+        self.flops_per_step = train_flops_per_token(config.model, config.data.seq_len) * self.tokens_per_step
+        self.peak = job_peak_flops(config.train.peak_flops)
+        self.total, self.last_step, self.last_time = total_steps, start_step, time.perf_counter()
+
+    def restart(self, step: int) -> None:
+        """Excludes time spent outside train steps (eval, checkpointing) from the next report."""
+        self.last_step, self.last_time = step, time.perf_counter()
+
+    def report(self, step: int) -> dict:
+        now = time.perf_counter()
+        steps_per_s = (step - self.last_step) / max(now - self.last_time, 1e-9)
+        self.last_step, self.last_time = step, now
+        return {"perf/steps_per_s": steps_per_s, "perf/tokens_per_s": steps_per_s * self.tokens_per_step,
+                "perf/mfu": steps_per_s * self.flops_per_step / self.peak,
+                "perf/eta_s": (self.total - step) / max(steps_per_s, 1e-9)}
+
+
+def _print_plan(config, mesh, setup, workdir) -> None:
+    n = param_count(setup.abstract_params)
+    print(f"[train] workdir {workdir}\n[train] mesh {sharding.describe(mesh)}\n"
+          f"[train] model: {n / 1e6:.2f}M params, {config.model.num_layers} layers, d_model {config.model.d_model}\n"
+          f"[train] data: domains {config_lib.domain_weights(config.data)}, {config.data.batch_size} x "
+          f"{config.data.seq_len} tokens/step, {config.train.steps} steps", flush=True)
+
+
+def run(config, workdir: str) -> dict:
+    """Trains to config.train.steps (or until a stop signal); returns the last eval metrics."""
+    config_lib.validate(config)
+    _check_tokenizer(config)
+    mesh = sharding.make_mesh(config.mesh)
+    sharding.check_divisible(config, mesh)
+    setup = make_setup(config, mesh)
+    _print_plan(config, mesh, setup, workdir)
+    data_iterator = pipeline.train_iterator(config.data, pipeline.open_sources(config.data, "train"),
+                                            jax.process_index(), jax.process_count())
+    eval_sets = load_eval_sets(config)
+    manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints)
+    state, step = initial_state(config, setup, manager, data_iterator)
+    writer = MetricsWriter(workdir, resume_step=step, enabled=jax.process_index() == 0)
+    writer.text("config", "<pre>" + config.to_json_best_effort(indent=2) + "</pre>")
+    shardings = steps.batch_shardings(mesh)
+    train_step = steps.make_train_step(setup, shardings, config.optim.z_loss)
+    eval_step = steps.make_eval_step(setup, shardings)
+    lr_at = schedule(config.optim, config.train.steps)
+    stop, throughput, pending, eval_metrics = StopRequested(), Throughput(config, config.train.steps, step), [], {}
+    last_saved = step
+    while step < config.train.steps and stop.signum is None:
+        state, metrics = train_step(state, steps.to_global(next(data_iterator), shardings))
+        step += 1
+        pending.append(metrics)
+        if step % config.train.log_every == 0 or step == config.train.steps or step == 1:
+            logged = {k: float(np.mean([float(m[k]) for m in pending])) for k in pending[0]}
+            logged.update(throughput.report(step), lr=float(lr_at(step - 1)))
+            writer.scalars(step, logged)
+            pending = []
+            print(f"[train] step {step}/{config.train.steps} loss {logged['loss']:.4f} | "
+                  f"{logged['perf/tokens_per_s']:,.0f} tok/s | mfu {logged['perf/mfu']:.2f} | "
+                  f"eta {_format_eta(logged['perf/eta_s'])}", flush=True)
+        if step % config.train.eval_every == 0 or step == config.train.steps:
+            eval_metrics = evaluate(eval_step, state["params"], eval_sets, shardings)
+            writer.scalars(step, eval_metrics)
+            throughput.restart(step)
+            print("[eval] step {} | ".format(step) + " | ".join(
+                f"{k.split('/')[1]} ppl {v:.3f}" for k, v in eval_metrics.items() if k.endswith("/ppl")), flush=True)
+        if step % config.train.checkpoint_every == 0 or step == config.train.steps or stop.signum is not None:
+            checkpoint.save(manager, step, state, data_iterator, config)
+            last_saved = step
+    manager.wait_until_finished()
+    writer.close()
+    if stop.signum is not None:
+        print(f"[train] stopped at step {step}; checkpoint saved (step {last_saved}). "
+              "Run the same command again to resume.", flush=True)
+        sys.exit(128 + stop.signum)
+    print(f"[train] done: {step} steps; checkpoints in {manager.directory}", flush=True)
+    return eval_metrics
+
+
+def main(argv):
+    del argv
+    if _WORKDIR.value is None:
+        raise app.UsageError("--workdir is required: the directory for checkpoints and logs")
+    try:
+        run(_CONFIG.value, _WORKDIR.value)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config"])
+    app.run(main)

