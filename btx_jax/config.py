@@ -170,3 +170,16 @@ def domain_weights(data: ConfigDict) -> dict[str, float]:
     raw = {n: float(data.weights.get(n, 0.0 if data.weights else 1.0)) for n in names}
     total = math.fsum(raw.values())
     return {n: w / total for n, w in raw.items()}
+
+
+def load_config(spec: str) -> ConfigDict:
+    """``path/to/config.py[:variant]`` -> the file's ``get_config(variant)`` (as --config does)."""
+    import importlib.util
+
+    path, _, variant = spec.partition(":")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    module_spec = importlib.util.spec_from_file_location(f"btx_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(variant or None)

@@ -10,11 +10,13 @@ Mesh axes: ``data`` (pure data parallel), ``fsdp`` (data parallel with parameter
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from flax import nnx
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 
 from btx_jax.config import ConfigError
@@ -71,6 +73,14 @@ def make_mesh(mesh_config: ConfigDict, devices=None) -> Mesh:
     sizes = mesh_shape(mesh_config, len(devices))
     shape = tuple(sizes[name] for name in MESH_AXES)
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh | AbstractMesh):
+    """Mesh and logical-axis rules in scope; an AbstractMesh plans shardings without devices."""
+    mesh_context = jax.sharding.use_abstract_mesh(mesh) if isinstance(mesh, AbstractMesh) else jax.set_mesh(mesh)
+    with mesh_context, nnx.logical_axis_rules(RULES):
+        yield
 
 
 def logical_to_spec(names, rules=RULES) -> P:

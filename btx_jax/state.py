@@ -67,10 +67,11 @@ class TrainSetup:
 
 def make_setup(config, mesh: Mesh) -> TrainSetup:
     """Abstract model on the mesh (no memory used) and the shardings of every state leaf."""
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.RULES):
-        graphdef, abs_state = nnx.get_abstract_model(lambda: build_model(config.model), mesh)
-    abstract_params = nnx.to_pure_dict(abs_state)
-    param_shardings = jax.tree.map(lambda a: a.sharding, abstract_params)
+    with sharding.use_mesh(mesh):
+        graphdef, abs_state = nnx.split(nnx.eval_shape(lambda: build_model(config.model)))
+        param_shardings = nnx.to_pure_dict(nnx.get_named_sharding(abs_state, mesh))
+    abstract_params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                   nnx.to_pure_dict(abs_state), param_shardings)
     tx = optimizer(config.optim, config.train.steps)
     opt_shardings = optax.tree_map_params(
         tx, lambda _, s: s, jax.eval_shape(tx.init, abstract_params), param_shardings,
@@ -85,7 +86,7 @@ def init_params(config, setup: TrainSetup, seed: int) -> dict:
         return nnx.to_pure_dict(nnx.state(build_model(config.model, seed)))
 
     shardings = jax.tree.map(lambda a: a.sharding, setup.abstract_params)
-    with jax.set_mesh(setup.mesh), nnx.logical_axis_rules(sharding.RULES):
+    with sharding.use_mesh(setup.mesh):
         return jax.jit(create, out_shardings=shardings)()
 
 

@@ -58,7 +58,7 @@ def make_eval_step(setup: TrainSetup, batch_shardings: dict):
 def _under_mesh(fn, mesh):
     """Runs (and traces) `fn` with the mesh and logical rules in scope."""
     def wrapped(*args):
-        with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.RULES):
+        with sharding.use_mesh(mesh):
             return fn(*args)
     return wrapped
 

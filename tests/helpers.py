@@ -1,0 +1,47 @@
+"""Shared test utilities: tiny configs, random batches, meshes over subsets of the fake devices."""
+from __future__ import annotations
+
+import jax
+import numpy as np
+from ml_collections import ConfigDict
+
+from btx_jax.config import base_config
+from btx_jax import sharding
+
+
+def tiny_config(**model_overrides) -> ConfigDict:
+    c = base_config()
+    c.model.update(vocab_size=384, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=128)
+    c.model.update(**model_overrides)
+    c.data.update(seq_len=32, batch_size=8)
+    c.optim.update(warmup_steps=2)
+    c.train.update(steps=10, peak_flops=1e11)
+    return c
+
+
+def mesh_of(devices=None, **axes) -> jax.sharding.Mesh:
+    spec = ConfigDict(dict(data=1, fsdp=1, expert=1, tensor=1))
+    spec.update(**axes)
+    devices = jax.devices() if devices is None else devices
+    if "data" not in axes:
+        spec.data = -1
+    return sharding.make_mesh(spec, devices)
+
+
+def random_batch(config, seed: int = 0, docs_per_row: int = 2) -> dict:
+    """A packed batch: each row holds `docs_per_row` documents then padding."""
+    rng = np.random.default_rng(seed)
+    b, t = config.data.batch_size, config.data.seq_len
+    tokens = rng.integers(3, 259, size=(b, t + 1)).astype(np.int32)
+    seg = np.zeros((b, t + 1), np.int32)
+    pos = np.zeros((b, t + 1), np.int32)
+    for row in range(b):
+        cuts = np.sort(rng.choice(np.arange(2, t - 1), size=docs_per_row, replace=False))
+        start = 0
+        for d, end in enumerate(cuts, 1):
+            seg[row, start:end] = d
+            pos[row, start:end] = np.arange(end - start)
+            start = end
+    from btx_jax.data.pipeline import to_model_batch
+    return to_model_batch({"tokens": tokens, "tokens_segment_ids": seg, "tokens_positions": pos,
+                           "domain": np.zeros((b, t + 1), np.int32)})

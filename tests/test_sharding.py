@@ -1,0 +1,72 @@
+"""Sharded equals unsharded: loss, gradients and one optimizer step on several meshes."""
+import jax
+import numpy as np
+import pytest
+
+from btx_jax import steps
+from btx_jax.state import init_params, make_setup
+from helpers import mesh_of, random_batch, tiny_config
+
+MESHES = {
+    "data8": dict(data=8),
+    "data2_fsdp4": dict(data=2, fsdp=4),
+    "data2_fsdp2_tensor2": dict(data=2, fsdp=2, tensor=2),
+}
+
+
+def _loss_and_grads(config, mesh, params_host, batch):
+    setup = make_setup(config, mesh)
+    params = jax.device_put(params_host, jax.tree.map(lambda a: a.sharding, setup.abstract_params))
+    shardings = steps.batch_shardings(mesh)
+
+    def loss_fn(p, b):
+        return steps.lm_loss(steps.forward(setup.graphdef, p, b), b)[0]
+
+    fn = steps._under_mesh(jax.jit(jax.value_and_grad(loss_fn)), mesh)
+    loss, grads = fn(params, steps.to_global(batch, shardings))
+    train_step = steps.make_train_step(setup, shardings, z_loss=1e-4)
+    state, metrics = train_step(setup.init_state(params), steps.to_global(batch, shardings))
+    return jax.device_get((loss, grads, metrics["loss"], state["params"]))
+
+
+@pytest.fixture(scope="module")
+def reference():
+    config = tiny_config()
+    mesh1 = mesh_of(jax.devices()[:1])
+    params = jax.device_get(init_params(config, make_setup(config, mesh1), seed=0))
+    batch = random_batch(config)
+    return config, params, batch, _loss_and_grads(config, mesh1, params, batch)
+
+
+@pytest.mark.parametrize("axes", MESHES.values(), ids=MESHES.keys())
+def test_sharded_matches_single_device(reference, axes):
+    config, params, batch, (loss1, grads1, step_loss1, new_params1) = reference
+    loss, grads, step_loss, new_params = _loss_and_grads(config, mesh_of(**axes), params, batch)
+    np.testing.assert_allclose(loss, loss1, rtol=2e-6)
+    np.testing.assert_allclose(step_loss, step_loss1, rtol=2e-6)
+    for g, g1 in zip(jax.tree.leaves(grads), jax.tree.leaves(grads1)):
+        np.testing.assert_allclose(g, g1, rtol=1e-4, atol=1e-6)
+    for p, p1 in zip(jax.tree.leaves(new_params), jax.tree.leaves(new_params1)):
+        np.testing.assert_allclose(p, p1, rtol=1e-4, atol=1e-6)
+
+
+def test_params_are_sharded_as_the_rules_say():
+    """The stacked kernels carry the layer axis first and their logical axes after it."""
+    config = tiny_config()
+    setup = make_setup(config, mesh_of(data=2, fsdp=2, tensor=2))
+    specs = jax.tree.map(lambda a: tuple(a.sharding.spec), setup.abstract_params)
+    assert specs["layers"]["mlp"]["gate"]["kernel"] == (None, "fsdp", "tensor")
+    assert specs["layers"]["mlp"]["down"]["kernel"] == (None, "tensor", "fsdp")
+    assert specs["layers"]["attn"]["q"]["kernel"] == (None, "fsdp", "tensor", None)
+    assert specs["embed"]["embedding"] == ("tensor", "fsdp")
+    sharded = init_params(config, setup, seed=0)
+    gate = sharded["layers"]["mlp"]["gate"]["kernel"]
+    assert gate.addressable_shards[0].data.shape == (2, 32, 64)  # (L, D/fsdp, F/tensor)
+
+
+def test_init_is_the_same_on_every_mesh():
+    config = tiny_config()
+    a = jax.device_get(init_params(config, make_setup(config, mesh_of(jax.devices()[:1])), seed=3))
+    b = jax.device_get(init_params(config, make_setup(config, mesh_of(data=2, fsdp=2, tensor=2)), seed=3))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
