@@ -23,9 +23,9 @@ def build_model(model_config, seed: int = 0) -> Transformer:
 
 
 def schedule(optim_config, steps: int) -> optax.Schedule:
-    """Linear warmup to lr, then cosine decay to lr * min_lr_ratio at the last step."""
+    """Linear warmup to lr (the first step already moves), then cosine decay to lr * min_lr_ratio."""
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=optim_config.lr, warmup_steps=optim_config.warmup_steps,
+        init_value=optim_config.lr / (optim_config.warmup_steps + 1), peak_value=optim_config.lr, warmup_steps=optim_config.warmup_steps,
         decay_steps=steps, end_value=optim_config.lr * optim_config.min_lr_ratio)
 
 

@@ -36,7 +36,7 @@ def make_train_step(setup: TrainSetup, batch_shardings: dict, z_loss: float):
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
         updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
     jitted = jax.jit(train_step, in_shardings=(setup.state_shardings, batch_shardings),

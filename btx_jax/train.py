@@ -23,9 +23,6 @@ from btx_jax.metrics import MetricsWriter
 from btx_jax.data.datasets import DataError
 from btx_jax.state import TrainSetup, init_params, make_setup, param_count, schedule
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo_dense.py[:variant].",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard logs.")
 
 
 # Errors caused by the user's input: printed as one clear message, exit status 2.
@@ -179,6 +176,14 @@ def run(config, workdir: str) -> dict:
     return eval_metrics
 
 
+def _define_flags():
+    """Command-line flags, defined only when run as a program (so the module stays importable)."""
+    global _CONFIG, _WORKDIR
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo_dense.py[:variant].",
+                                              lock_config=True)
+    _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard logs.")
+
+
 def main(argv):
     del argv
     if _WORKDIR.value is None:
@@ -191,5 +196,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     flags.mark_flags_as_required(["config"])
     app.run(main)

@@ -7,3 +7,17 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 assert jax.device_count() == 8, "tests need 8 fake CPU devices; XLA_FLAGS was set too late"
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def demo_data_dir(tmp_path_factory):
+    """The full demo corpus (code, math, prose) built once per test worker (~10 s)."""
+    from btx_jax.data.build import build_all
+    from btx_jax.config import base_config
+
+    data = base_config().data
+    data.data_dir = str(tmp_path_factory.mktemp("tfds"))
+    build_all(data)
+    return data.data_dir
