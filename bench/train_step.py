@@ -22,9 +22,10 @@ def main():
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--mlp_dim", type=int, default=1536)
     parser.add_argument("--remat", default="none")
+    parser.add_argument("--scan_unroll", type=int, default=1)
     args = parser.parse_args()
     config = dense_bench_config(args.mlp_dim)
-    config.model.remat = args.remat
+    config.model.update(remat=args.remat, scan_unroll=args.scan_unroll)
     tokens = config.data.batch_size * config.data.seq_len
     flops = train_flops_per_token(config.model, config.data.seq_len) * tokens
     run = train_step_runner(config)

@@ -46,6 +46,7 @@ def base_config() -> ConfigDict:
         dtype="float32",       # compute dtype: float32 | bfloat16
         param_dtype="float32",
         remat="none",          # none | full | dots (save matmul outputs only)
+        scan_unroll=1,         # layers per scan iteration (1: compile time flat in depth)
     ))
     c.mesh = ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))  # -1: the remaining devices
     c.data = ConfigDict(dict(
@@ -115,6 +116,9 @@ def _check_model(m: ConfigDict) -> None:
     for field in ("dtype", "param_dtype"):
         if m[field] not in DTYPES:
             raise ConfigError(f"model.{field}", f"unknown dtype {m[field]!r}", f"use one of {DTYPES}")
+    if not 1 <= m.scan_unroll <= m.num_layers:
+        raise ConfigError("model.scan_unroll", f"must be in [1, num_layers={m.num_layers}], got {m.scan_unroll}",
+                          "use 1 (a loop over layers) up to num_layers (fully unrolled)")
     if m.remat not in REMAT_POLICIES:
         raise ConfigError("model.remat", f"unknown policy {m.remat!r}", f"use one of {REMAT_POLICIES}")
 

@@ -6,13 +6,14 @@ automatically from the latest checkpoint in the workdir. SIGTERM/SIGINT save and
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from btx_jax import checkpoint, config as config_lib, sharding, steps
@@ -120,7 +121,7 @@ def _print_plan(config, mesh, setup, workdir) -> None:
     n = param_count(setup.abstract_params)
     print(f"[train] workdir {workdir}\n[train] mesh {sharding.describe(mesh)}\n"
           f"[train] model: {n / 1e6:.2f}M params, {config.model.num_layers} layers, d_model {config.model.d_model}\n"
-          f"[train] data: domains {config_lib.domain_weights(config.data)}, {config.data.batch_size} x "
+          f"[train] data: domains {', '.join(f'{k} {w:.2f}' for k, w in config_lib.domain_weights(config.data).items())}, {config.data.batch_size} x "
           f"{config.data.seq_len} tokens/step, {config.train.steps} steps", flush=True)
 
 
@@ -184,8 +185,21 @@ def _define_flags():
     _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard logs.")
 
 
+def maybe_initialize_distributed() -> None:
+    """Multi-host jobs (TPU pod slices, SLURM, or an explicit coordinator) join one JAX runtime."""
+    env = os.environ
+    multi_host = ("JAX_COORDINATOR_ADDRESS" in env or "TPU_WORKER_HOSTNAMES" in env
+                  or int(env.get("SLURM_NTASKS", "1")) > 1 or "MEGASCALE_COORDINATOR_ADDRESS" in env)
+    if multi_host:
+        jax.distributed.initialize()
+        print(f"[train] process {jax.process_index()} of {jax.process_count()}, "
+              f"{jax.local_device_count()} local / {jax.device_count()} devices", flush=True)
+
+
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # library INFO logs drown the progress lines
+    maybe_initialize_distributed()
     if _WORKDIR.value is None:
         raise app.UsageError("--workdir is required: the directory for checkpoints and logs")
     try:

@@ -39,6 +39,7 @@ class TransformerConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"
+    scan_unroll: int = 1  # layers per loop iteration; num_layers unrolls the stack completely
 
     @classmethod
     def from_config(cls, model_config) -> "TransformerConfig":
@@ -179,7 +180,7 @@ class Transformer(nnx.Module):
 
         if self.cfg.remat != "none":
             apply_block = nnx.remat(apply_block, policy=_REMAT_POLICIES[self.cfg.remat])
-        scan = nnx.scan(apply_block, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
+        scan = nnx.scan(apply_block, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, unroll=self.cfg.scan_unroll,
                         transform_metadata={nnx.PARTITION_NAME: "layers"})
         x = self.final_norm(scan(x, self.layers))
         if self.cfg.tie_embeddings:
