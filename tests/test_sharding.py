@@ -46,8 +46,10 @@ def test_sharded_matches_single_device(reference, axes):
     np.testing.assert_allclose(step_loss, step_loss1, rtol=2e-6)
     for g, g1 in zip(jax.tree.leaves(grads), jax.tree.leaves(grads1)):
         np.testing.assert_allclose(g, g1, rtol=1e-4, atol=1e-6)
+    # Adam's first update is ~lr * sign(g): where |g| ~ float noise the sign can differ, so the
+    # updated params are compared to a fraction of lr (3e-3), not to float precision.
     for p, p1 in zip(jax.tree.leaves(new_params), jax.tree.leaves(new_params1)):
-        np.testing.assert_allclose(p, p1, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(p, p1, rtol=1e-4, atol=1e-4)
 
 
 def test_params_are_sharded_as_the_rules_say():
