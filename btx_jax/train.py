@@ -35,8 +35,11 @@ class StopRequested:
 
     def __init__(self):
         self.signum = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
         if self.signum is not None:  # second signal: stop now
@@ -125,8 +128,32 @@ def _print_plan(config, mesh, setup, workdir) -> None:
           f"{config.data.seq_len} tokens/step, {config.train.steps} steps", flush=True)
 
 
+def _due(step: int, every: int, total: int) -> bool:
+    return step % every == 0 or step == total
+
+
+def _log_train(writer, throughput, pending: list, step: int, config, lr_at) -> None:
+    """Means of the step metrics since the last log, plus throughput and lr, to all sinks."""
+    logged = {k: float(np.mean([float(m[k]) for m in pending])) for k in pending[0]}
+    logged.update(throughput.report(step), lr=float(lr_at(step - 1)))
+    writer.scalars(step, logged)
+    print(f"[train] step {step}/{config.train.steps} loss {logged['loss']:.4f} | "
+          f"{logged['perf/tokens_per_s']:,.0f} tok/s | mfu {logged['perf/mfu']:.2f} | "
+          f"eta {_format_eta(logged['perf/eta_s'])}", flush=True)
+
+
+def _log_eval(writer, step: int, metrics: dict) -> None:
+    writer.scalars(step, metrics)
+    print(f"[eval] step {step} | " + " | ".join(
+        f"{k.split('/')[1]} ppl {v:.3f}" for k, v in metrics.items() if k.endswith("/ppl")), flush=True)
+
+
+class TrainingInterrupted(Exception):
+    """Raised after the checkpoint is saved when a stop signal arrived; carries the signal number."""
+
+
 def run(config, workdir: str) -> dict:
-    """Trains to config.train.steps (or until a stop signal); returns the last eval metrics."""
+    """Trains to config.train.steps; returns the last eval metrics. A stop signal saves, then raises."""
     config_lib.validate(config)
     _check_tokenizer(config)
     mesh = sharding.make_mesh(config.mesh)
@@ -143,36 +170,29 @@ def run(config, workdir: str) -> dict:
     shardings = steps.batch_shardings(mesh)
     train_step = steps.make_train_step(setup, shardings, config.optim.z_loss)
     eval_step = steps.make_eval_step(setup, shardings)
-    lr_at = schedule(config.optim, config.train.steps)
-    stop, throughput, pending, eval_metrics = StopRequested(), Throughput(config, config.train.steps, step), [], {}
-    last_saved = step
-    while step < config.train.steps and stop.signum is None:
-        state, metrics = train_step(state, steps.to_global(next(data_iterator), shardings))
-        step += 1
-        pending.append(metrics)
-        if step % config.train.log_every == 0 or step == config.train.steps or step == 1:
-            logged = {k: float(np.mean([float(m[k]) for m in pending])) for k in pending[0]}
-            logged.update(throughput.report(step), lr=float(lr_at(step - 1)))
-            writer.scalars(step, logged)
-            pending = []
-            print(f"[train] step {step}/{config.train.steps} loss {logged['loss']:.4f} | "
-                  f"{logged['perf/tokens_per_s']:,.0f} tok/s | mfu {logged['perf/mfu']:.2f} | "
-                  f"eta {_format_eta(logged['perf/eta_s'])}", flush=True)
-        if step % config.train.eval_every == 0 or step == config.train.steps:
-            eval_metrics = evaluate(eval_step, state["params"], eval_sets, shardings)
-            writer.scalars(step, eval_metrics)
-            throughput.restart(step)
-            print("[eval] step {} | ".format(step) + " | ".join(
-                f"{k.split('/')[1]} ppl {v:.3f}" for k, v in eval_metrics.items() if k.endswith("/ppl")), flush=True)
-        if step % config.train.checkpoint_every == 0 or step == config.train.steps or stop.signum is not None:
-            checkpoint.save(manager, step, state, data_iterator, config)
-            last_saved = step
-    manager.wait_until_finished()
-    writer.close()
+    lr_at, total = schedule(config.optim, config.train.steps), config.train.steps
+    stop, throughput, pending, eval_metrics = StopRequested(), Throughput(config, total, step), [], {}
+    try:
+        while step < total and stop.signum is None:
+            state, metrics = train_step(state, steps.to_global(next(data_iterator), shardings))
+            step += 1
+            pending.append(metrics)
+            if _due(step, config.train.log_every, total) or step == 1:
+                _log_train(writer, throughput, pending, step, config, lr_at)
+                pending = []
+            if _due(step, config.train.eval_every, total):
+                eval_metrics = evaluate(eval_step, state["params"], eval_sets, shardings)
+                _log_eval(writer, step, eval_metrics)
+                throughput.restart(step)
+            if _due(step, config.train.checkpoint_every, total) or stop.signum is not None:
+                checkpoint.save(manager, step, state, data_iterator, config)
+        manager.wait_until_finished()
+    finally:
+        stop.restore()
+        writer.close()
     if stop.signum is not None:
-        print(f"[train] stopped at step {step}; checkpoint saved (step {last_saved}). "
-              "Run the same command again to resume.", flush=True)
-        sys.exit(128 + stop.signum)
+        print(f"[train] stopped at step {step}; checkpoint saved. Run the same command again to resume.", flush=True)
+        raise TrainingInterrupted(stop.signum)
     print(f"[train] done: {step} steps; checkpoints in {manager.directory}", flush=True)
     return eval_metrics
 
@@ -186,10 +206,10 @@ def _define_flags():
 
 
 def maybe_initialize_distributed() -> None:
-    """Multi-host jobs (TPU pod slices, SLURM, or an explicit coordinator) join one JAX runtime."""
+    """Multi-host jobs join one JAX runtime: BTX_DISTRIBUTED=1 (set by launch/), SLURM, or a coordinator."""
     env = os.environ
-    multi_host = ("JAX_COORDINATOR_ADDRESS" in env or "TPU_WORKER_HOSTNAMES" in env
-                  or int(env.get("SLURM_NTASKS", "1")) > 1 or "MEGASCALE_COORDINATOR_ADDRESS" in env)
+    multi_host = (env.get("BTX_DISTRIBUTED") == "1" or "JAX_COORDINATOR_ADDRESS" in env
+                  or int(env.get("SLURM_NTASKS", "1")) > 1)
     if multi_host:
         jax.distributed.initialize()
         print(f"[train] process {jax.process_index()} of {jax.process_count()}, "
@@ -204,6 +224,8 @@ def main(argv):
         raise app.UsageError("--workdir is required: the directory for checkpoints and logs")
     try:
         run(_CONFIG.value, _WORKDIR.value)
+    except TrainingInterrupted as e:
+        sys.exit(128 + e.args[0])
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

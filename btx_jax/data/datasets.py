@@ -1,0 +1,199 @@
+"""TFDS builders (ArrayRecord, no TensorFlow needed) and the per-domain random-access sources.
+
+A domain's source is one of
+  ``demo:<code|math|prose>``   the offline demo corpus (see demo_sources.py for provenance),
+  ``files:<glob>[,<glob>...]`` the user's own ``.txt`` (one document per file) or ``.jsonl``
+                               (one document per line, field ``text``) files,
+  ``tfds:<name>``              any TFDS dataset already prepared as ArrayRecord with a
+                               ``text`` feature.
+Each has a ``train`` and an ``eval`` split; records are ``{"text": bytes}``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import logging
+import os
+import re
+
+import tensorflow_datasets as tfds
+
+from btx_jax.data import demo_sources
+
+log = logging.getLogger(__name__)
+
+EVAL_FRACTION = 0.05
+_TEXT_FEATURES = tfds.features.FeaturesDict({"text": tfds.features.Text()})
+
+
+class DataError(ValueError):
+    """Training data is missing, empty or unreadable; the message says how to fix it."""
+
+
+def _stable_fraction(key: str) -> float:
+    return int(hashlib.md5(key.encode()).hexdigest()[:8], 16) / 0x100000000
+
+
+class DemoCorpus(tfds.core.GeneratorBasedBuilder):
+    """The demo corpus: one config per domain (code, math, prose)."""
+
+    name = "btx_demo"
+    VERSION = tfds.core.Version("1.0.0")
+    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=d, description=demo_sources.PROVENANCE[d])
+                       for d in demo_sources.DOMAINS]
+
+    def _info(self):
+        return self.dataset_info_from_configs(features=_TEXT_FEATURES, description=self.builder_config.description)
+
+    def _split_generators(self, dl_manager):
+        return {split: self._generate_examples(split) for split in ("train", "eval")}
+
+    def _generate_examples(self, split):
+        for doc_id, text in demo_sources.documents(self.builder_config.name, split):
+            yield doc_id, {"text": text}
+
+
+@dataclasses.dataclass
+class TextFilesConfig(tfds.core.BuilderConfig):
+    patterns: tuple[str, ...] = ()
+
+
+def _expand(patterns) -> list[str]:
+    return sorted({path for p in patterns for path in glob.glob(os.path.expanduser(p), recursive=True)
+                   if os.path.isfile(path)})
+
+
+def _fingerprint(paths) -> str:
+    """Changes when any matched file is added, removed or modified, so a stale build is not reused."""
+    h = hashlib.md5()
+    for path in paths:
+        st = os.stat(path)
+        h.update(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:10]
+
+
+def _read_documents(path: str, stats: dict):
+    """(key, text) pairs of one file; invalid UTF-8 is replaced (and counted), never fatal."""
+    def decode(raw: bytes, where: str) -> str:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            stats.setdefault("invalid_utf8", []).append(where)
+            return raw.decode("utf-8", errors="replace")
+
+    with open(path, "rb") as f:
+        if not path.endswith(".jsonl"):
+            yield path, decode(f.read(), path)
+            return
+        for line_no, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                record = json.loads(decode(raw, where))
+                text = record["text"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise DataError(f"{where}: not a JSON object with a 'text' field ({e}); "
+                                "each line of a .jsonl file must look like {\"text\": \"...\"}") from None
+            yield where, str(text)
+
+
+class TextFiles(tfds.core.GeneratorBasedBuilder):
+    """A user's own text/JSONL files as one domain; ~5% of documents (by hash) held out for eval."""
+
+    name = "btx_text_files"
+    VERSION = tfds.core.Version("1.0.0")
+    BUILDER_CONFIGS = [TextFilesConfig(name="default")]
+
+    def _info(self):
+        return self.dataset_info_from_configs(features=_TEXT_FEATURES)
+
+    def _split_generators(self, dl_manager):
+        self.stats = {}
+        return {split: self._generate_examples(split) for split in ("train", "eval")}
+
+    def _generate_examples(self, split):
+        paths = _expand(self.builder_config.patterns)
+        for path in paths:
+            for key, text in _read_documents(path, self.stats):
+                if text.strip() and (_stable_fraction(key) < EVAL_FRACTION) == (split == "eval"):
+                    yield key, {"text": text}
+
+
+def _build(builder, domain: str) -> None:
+    log.info("building domain '%s' into %s", domain, builder.data_dir)
+    print(f"[data] building domain '{domain}' -> {builder.data_dir}", flush=True)
+    tfds.disable_progress_bar()
+    try:
+        builder.download_and_prepare(
+            file_format="array_record",
+            download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    except AssertionError as e:  # tfds refuses to write a split with no examples
+        empty = re.search(r'split "([^"]+)": No examples were yielded', str(e))
+        if not empty:
+            raise
+        raise DataError(f"domain '{domain}' has no documents in its '{empty.group(1)}' split; add data (a files: "
+                        f"domain holds out ~{EVAL_FRACTION:.0%} of its documents for eval, so give it a few dozen "
+                        "at least), or remove the domain from the config") from None
+    # each file is read once per split: count every bad document once
+    bad = list(dict.fromkeys(getattr(builder, "stats", {}).get("invalid_utf8", [])))
+    if bad:
+        print(f"[data] warning: domain '{domain}': {len(bad)} document(s) were not valid UTF-8; invalid bytes "
+              f"were replaced with U+FFFD (first: {bad[0]})", flush=True)
+
+
+def domain_builder(domain: str, spec: str, data_dir: str):
+    """The TFDS builder behind one domain spec (not built yet)."""
+    kind, _, arg = spec.partition(":")
+    data_dir = os.path.expanduser(data_dir)
+    if kind == "demo":
+        if arg not in demo_sources.DOMAINS:
+            raise DataError(f"domain '{domain}': unknown demo domain '{arg}'; use one of {demo_sources.DOMAINS}")
+        return DemoCorpus(config=arg, data_dir=data_dir)
+    if kind == "files":
+        patterns = tuple(p for p in arg.split(",") if p)
+        paths = _expand(patterns)
+        if not paths:
+            raise DataError(f"domain '{domain}': no files match {list(patterns)}; check the path in data.domains.{domain}")
+        config = TextFilesConfig(name=f"{domain}-{_fingerprint(paths)}", patterns=patterns)
+        return TextFiles(config=config, data_dir=data_dir)
+    if kind == "tfds":
+        try:
+            return tfds.builder(arg, data_dir=data_dir)
+        except Exception as e:  # tfds raises several types for unknown/unprepared datasets
+            raise DataError(f"domain '{domain}': cannot open TFDS dataset '{arg}' in {data_dir}: {e}") from None
+    raise DataError(f"domain '{domain}': unknown source kind '{kind}' in {spec!r}")
+
+
+def _split_name(builder, split: str) -> str:
+    names = set(builder.info.splits.keys())
+    candidates = ["train"] if split == "train" else ["eval", "validation", "test"]
+    for name in candidates:
+        if name in names:
+            return name
+    raise DataError(f"dataset {builder.info.full_name} has splits {sorted(names)}, none of {candidates}")
+
+
+def open_domain(domain: str, spec: str, data_dir: str, split: str, build_if_missing: bool = True):
+    """Random-access source (len, __getitem__ -> {'text': bytes}) for one domain and split."""
+    builder = domain_builder(domain, spec, data_dir)
+    if not builder.is_prepared():
+        buildable = not spec.startswith("tfds:")
+        if not (build_if_missing and buildable):
+            how = ("set data.build_if_missing=True or run `python -m btx_jax.data.build --config <config>`"
+                   if buildable else "prepare it as ArrayRecord first (tfds `download_and_prepare(file_format="
+                   "'array_record')`) or fix data.data_dir")
+            raise DataError(f"domain '{domain}': dataset {builder.info.full_name} not found in data_dir "
+                            f"'{data_dir}'; {how}")
+        _build(builder, domain)
+    try:
+        source = builder.as_data_source(split=_split_name(builder, split))
+    except (ValueError, NotImplementedError) as e:
+        raise DataError(f"domain '{domain}': {builder.info.full_name} cannot be read as ArrayRecord ({e}); "
+                        "rebuild it with file_format='array_record'") from None
+    if len(source) == 0:
+        raise DataError(f"domain '{domain}' ({spec}) has no documents in its '{split}' split; add data, "
+                        "or remove the domain from the config")
+    return source

@@ -1,0 +1,106 @@
+"""grain input pipelines: per-domain shuffle/repeat -> tokenize -> chunk -> pack, then mix.
+
+Each domain is packed on its own and the packed rows are mixed with the domain weights, so
+the weights are *token* proportions (mixing documents would over-weight domains with long
+documents) and every row holds one domain, which later lets routing be analysed by domain.
+
+A packed row has ``seq_len + 1`` tokens; the model reads the first ``seq_len`` and predicts
+the last ``seq_len``. Batches are dicts of numpy arrays:
+  inputs, targets, segment_ids, positions: int32 [B, T];  loss_mask: float32 [B, T];
+  domain: int32 [B] (index into the sorted domain names).
+"""
+from __future__ import annotations
+
+import grain
+import numpy as np
+
+from btx_jax.config import domain_weights
+from btx_jax.data.datasets import open_domain
+from btx_jax.data.tokenizer import encode_document, make_tokenizer
+
+
+class ChunkDocuments(grain.experimental.FlatMapTransform):
+    """Tokenizes one document and cuts it into pieces of at most `chunk_len` tokens."""
+
+    def __init__(self, tokenizer, chunk_len: int, max_chunks: int):
+        self.tokenizer, self.chunk_len, self.max_fan_out = tokenizer, chunk_len, max_chunks
+
+    def flat_map(self, record):
+        ids = encode_document(self.tokenizer, record["text"])[: self.chunk_len * self.max_fan_out]
+        return [{"tokens": ids[i:i + self.chunk_len]} for i in range(0, len(ids), self.chunk_len)]
+
+
+def to_model_batch(rows: dict) -> dict:
+    """Packed rows of seq_len + 1 tokens -> shifted inputs/targets with a loss mask.
+
+    A target counts only if it continues the same document as its input token, so no
+    token is ever predicted across a document boundary or into padding.
+    """
+    tokens, seg, pos = rows["tokens"], rows["tokens_segment_ids"], rows["tokens_positions"]
+    mask = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0)
+    return {
+        "inputs": tokens[:, :-1].astype(np.int32), "targets": tokens[:, 1:].astype(np.int32),
+        "segment_ids": seg[:, :-1].astype(np.int32), "positions": pos[:, :-1].astype(np.int32),
+        "loss_mask": mask.astype(np.float32), "domain": rows["domain"][:, 0].astype(np.int32),
+    }
+
+
+def _packed_rows(ds: grain.IterDataset, data_config, tokenizer, domain_index: int, *, shuffle: bool):
+    row_len = data_config.seq_len + 1
+    ds = grain.experimental.FlatMapIterDataset(
+        ds, ChunkDocuments(tokenizer, row_len, data_config.max_chunks_per_doc))
+    ds = grain.experimental.FirstFitPackIterDataset(
+        ds, length_struct={"tokens": row_len}, num_packing_bins=data_config.packing_bins or data_config.batch_size,
+        seed=data_config.seed + domain_index, shuffle_bins=shuffle)
+    return ds.map(lambda row: {**row, "domain": np.full((row_len,), domain_index, np.int32)})
+
+
+def domain_names(data_config) -> list[str]:
+    return sorted(data_config.domains.keys())
+
+
+def open_sources(data_config, split: str, names=None) -> dict:
+    """Opens (building if needed and allowed) every domain's source before training starts."""
+    specs = {**dict(data_config.domains), **dict(data_config.eval_domains)}
+    names = domain_names(data_config) if names is None else names
+    return {name: open_domain(name, specs[name], data_config.data_dir, split, data_config.build_if_missing)
+            for name in names}
+
+
+def train_iterator(data_config, sources: dict, process_index: int = 0, process_count: int = 1):
+    """Infinite, checkpointable iterator of this process's share of each global batch."""
+    tokenizer = make_tokenizer(data_config)
+    weights = domain_weights(data_config)
+    parts, part_weights = [], []
+    for index, name in enumerate(domain_names(data_config)):
+        if weights[name] == 0:
+            continue
+        ds = grain.MapDataset.source(sources[name])[process_index::process_count]
+        ds = ds.seed(data_config.seed + 1000 * index).shuffle().repeat().to_iter_dataset()
+        parts.append(_packed_rows(ds, data_config, tokenizer, index, shuffle=True))
+        part_weights.append(weights[name])
+    ds = parts[0] if len(parts) == 1 else grain.IterDataset.mix(parts, part_weights)
+    ds = ds.batch(data_config.batch_size // process_count, drop_remainder=True).map(to_model_batch)
+    return iter(ds)
+
+
+def eval_batches(data_config, source, domain_index: int, num_batches: int, process_index=0, process_count=1):
+    """The first `num_batches` packed batches of a held-out split: the same every time."""
+    tokenizer = make_tokenizer(data_config)
+    ds = grain.MapDataset.source(source)[process_index::process_count].to_iter_dataset()
+    ds = _packed_rows(ds, data_config, tokenizer, domain_index, shuffle=False)
+    ds = ds.batch(data_config.batch_size // process_count, drop_remainder=False).map(to_model_batch)
+    batches = []
+    for batch in ds:
+        batches.append(_pad_rows(batch, data_config.batch_size // process_count))
+        if len(batches) == num_batches:
+            break
+    return batches
+
+
+def _pad_rows(batch: dict, rows: int) -> dict:
+    """Pads a short final batch with empty rows (segment 0, no loss) to the static batch shape."""
+    missing = rows - batch["inputs"].shape[0]
+    if missing == 0:
+        return batch
+    return {k: np.concatenate([v, np.zeros((missing,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
