@@ -2,8 +2,8 @@
 
   python -m btx_jax.train --config configs/demo_dense.py --workdir runs/seed
 
-About 3 minutes on 2 CPU cores. Expected: train loss from ~5.6 to about 1.3 nats/byte; the
-held-out perplexity falls on every domain, lowest on math (templated), highest on prose.
+About 5 minutes on 2 CPU cores (~4k tokens/s). Expected: train loss falls from ~6.0 nats/byte
+(uniform) to ~3.2 by step 50 and keeps falling; held-out perplexity falls on every domain.
 Variants: ``configs/demo_dense.py:tiny`` is a seconds-long smoke run (used by the tests).
 """
 from btx_jax.config import base_config
@@ -15,7 +15,7 @@ def get_config(variant: str | None = None):
                    head_dim=32, mlp_dim=384)
     c.data.update(seq_len=256, batch_size=16)
     c.optim.update(lr=3e-3, warmup_steps=50)
-    c.train.update(steps=600, log_every=25, eval_every=200, eval_batches=4, checkpoint_every=200)
+    c.train.update(steps=300, log_every=25, eval_every=100, eval_batches=4, checkpoint_every=100)
     if variant == "tiny":
         c.model.update(d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=128)
         c.data.update(seq_len=64, batch_size=8)
