@@ -48,7 +48,7 @@ def train_step_runner(config):
              "loss_mask": np.ones((b, t), np.float32), "domain": np.zeros((b,), np.int32)}
     shardings = steps.batch_shardings(mesh)
     batch = steps.to_global(batch, shardings)
-    train_step = steps.make_train_step(setup, shardings, z_loss=0.0)
+    train_step = steps.make_train_step(setup, shardings, config)
     holder = {"state": state}
 
     def run():

@@ -17,6 +17,9 @@ _FREE_FORM = ("data.domains", "data.weights", "data.eval_domains")
 
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots")
+DISPATCHERS = ("einsum", "alltoall", "dropless", "reference")
+PRIORITIES = ("token", "confidence")
+DROPLESS_IMPLS = ("auto", "blocks", "ragged")
 TOKENIZERS = ("byte", "sentencepiece")
 
 
@@ -47,6 +50,24 @@ def base_config() -> ConfigDict:
         param_dtype="float32",
         remat="none",          # none | full | dots (save matmul outputs only)
         scan_unroll=1,         # layers per scan iteration (1: compile time flat in depth)
+    ))
+    c.moe = ConfigDict(dict(
+        num_experts=0,         # 0: a dense model; E > 0: MoE FFNs of E experts (each of width model.mlp_dim)
+        top_k=2,               # experts per token: 1 as in Switch, 2 as in GShard / Mixtral / BTX
+        moe_every=1,           # every k-th layer is MoE (layers k-1, 2k-1, ...); the others stay dense
+        dispatcher="einsum",   # einsum (GShard, GSPMD) | alltoall (expert parallel) | dropless | reference
+        renormalize=True,      # top-k weights divided by their sum (an all-copies MoE then equals the dense FFN)
+        train_capacity_factor=1.25,
+        eval_capacity_factor=2.0,
+        group_size=256,        # tokens routed together (capacity is per group); min(group_size, seq_len) divides seq_len
+        priority="token",      # drop order: token (top-1 choices first, then token order) | confidence (batch-prioritized)
+        router_jitter=0.0,     # multiplicative noise on router inputs, training only (Switch uses 0.01)
+        router_init_std=0.02,
+        expert_dropout=0.0,    # dropout on expert hidden activations, training only (for MoE finetuning)
+        load_balance_weight=0.01,  # Switch loss E * sum_e f_e p_e, averaged over MoE layers
+        router_z_weight=0.001,     # mean log(Z)^2 of router logits, averaged over MoE layers
+        dropless_impl="auto",  # auto | blocks (sorted, block-padded grouped matmul: fast on CPU) | ragged (ragged_dot)
+        dropless_block=64,     # rows per block of the CPU grouped matmul
     ))
     c.mesh = ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))  # -1: the remaining devices
     c.data = ConfigDict(dict(
@@ -123,6 +144,36 @@ def _check_model(m: ConfigDict) -> None:
         raise ConfigError("model.remat", f"unknown policy {m.remat!r}", f"use one of {REMAT_POLICIES}")
 
 
+def _check_moe(e: ConfigDict, m: ConfigDict, seq_len: int) -> None:
+    if e.num_experts == 0:
+        return
+    if e.num_experts < 0:
+        raise ConfigError("moe.num_experts", f"must be >= 0, got {e.num_experts}", "use 0 for a dense model or E > 0")
+    if not 1 <= e.top_k <= e.num_experts:
+        raise ConfigError("moe.top_k", f"must be in [1, num_experts={e.num_experts}], got {e.top_k}",
+                          "route each token to at most num_experts experts (1 or 2 are usual)")
+    for field in ("train_capacity_factor", "eval_capacity_factor"):
+        if not e[field] > 0:
+            raise ConfigError(f"moe.{field}", f"must be > 0, got {e[field]}", "use e.g. 1.25 (train) and 2.0 (eval)")
+    if e.dispatcher not in DISPATCHERS:
+        raise ConfigError("moe.dispatcher", f"unknown dispatcher {e.dispatcher!r}", f"use one of {DISPATCHERS}")
+    if e.priority not in PRIORITIES:
+        raise ConfigError("moe.priority", f"unknown priority {e.priority!r}", f"use one of {PRIORITIES}")
+    if e.dropless_impl not in DROPLESS_IMPLS:
+        raise ConfigError("moe.dropless_impl", f"unknown implementation {e.dropless_impl!r}", f"use one of {DROPLESS_IMPLS}")
+    if e.moe_every < 1 or m.num_layers % e.moe_every:
+        raise ConfigError("moe.moe_every", f"{e.moe_every} does not divide model.num_layers={m.num_layers}",
+                          "use 1 (every layer) or a divisor of num_layers")
+    if e.group_size < 1 or seq_len % min(e.group_size, seq_len):
+        raise ConfigError("moe.group_size", f"{e.group_size} does not divide data.seq_len={seq_len}",
+                          "use a divisor of seq_len (a value >= seq_len routes each sequence as one group)")
+    for field in ("router_jitter", "expert_dropout"):
+        if not 0 <= e[field] < 1:
+            raise ConfigError(f"moe.{field}", f"must be in [0, 1), got {e[field]}", "use e.g. 0.0 or 0.1")
+    if e.dropless_block < 1:
+        raise ConfigError("moe.dropless_block", f"must be >= 1, got {e.dropless_block}", "use e.g. 64")
+
+
 def _check_data(d: ConfigDict) -> None:
     if not d.domains:
         raise ConfigError("data.domains", "no training domains", "name at least one, e.g. code='demo:code'")
@@ -164,6 +215,7 @@ def validate(config: ConfigDict) -> ConfigDict:
     check_fields(config)
     _check_model(config.model)
     _check_data(config.data)
+    _check_moe(config.moe, config.model, config.data.seq_len)
     _check_optim_train(config)
     return config
 

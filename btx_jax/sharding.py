@@ -43,6 +43,9 @@ RULES = (
     ("act_kv_heads", "tensor"),
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
+    # MoE expert buffers [E, G, C, D]: experts over `expert`, routing groups over the other batch axes
+    ("act_expert", "expert"),
+    ("act_expert_groups", ("data", "fsdp")),
 )
 
 

@@ -18,8 +18,9 @@ from btx_jax import sharding
 from btx_jax.models.transformer import Transformer, TransformerConfig
 
 
-def build_model(model_config, seed: int = 0) -> Transformer:
-    return Transformer(TransformerConfig.from_config(model_config), nnx.Rngs(seed))
+def build_model(config, seed: int = 0) -> Transformer:
+    """The model of a full config (its `model` and `moe` sections)."""
+    return Transformer(TransformerConfig.from_config(config.model, config.get("moe")), nnx.Rngs(seed))
 
 
 def schedule(optim_config, steps: int) -> optax.Schedule:
@@ -68,7 +69,7 @@ class TrainSetup:
 def make_setup(config, mesh: Mesh) -> TrainSetup:
     """Abstract model on the mesh (no memory used) and the shardings of every state leaf."""
     with sharding.use_mesh(mesh):
-        graphdef, abs_state = nnx.split(nnx.eval_shape(lambda: build_model(config.model)))
+        graphdef, abs_state = nnx.split(nnx.eval_shape(lambda: build_model(config)))
         param_shardings = nnx.to_pure_dict(nnx.get_named_sharding(abs_state, mesh))
     abstract_params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                    nnx.to_pure_dict(abs_state), param_shardings)
@@ -83,7 +84,7 @@ def make_setup(config, mesh: Mesh) -> TrainSetup:
 def init_params(config, setup: TrainSetup, seed: int) -> dict:
     """Random parameters created directly in their shards (never whole on one device)."""
     def create():
-        return nnx.to_pure_dict(nnx.state(build_model(config.model, seed)))
+        return nnx.to_pure_dict(nnx.state(build_model(config, seed)))
 
     shardings = jax.tree.map(lambda a: a.sharding, setup.abstract_params)
     with sharding.use_mesh(setup.mesh):

@@ -1,4 +1,4 @@
-"""The jitted train and eval steps: next-token cross entropy over packed rows."""
+"""The jitted train and eval steps: next-token cross entropy over packed rows, plus MoE router losses."""
 from __future__ import annotations
 
 import jax
@@ -22,18 +22,37 @@ def lm_loss(logits, batch, z_loss: float = 0.0):
     return ce + zl, {"loss": ce, "z_loss": zl}
 
 
-def forward(graphdef, params, batch):
+def forward(graphdef, params, batch, *, train: bool = False, rng=None):
+    """-> (logits, per-layer MoE aux: {name: [L_moe, ...]}, empty for a dense model)."""
     model = nnx.merge(graphdef, params)
-    return model(batch["inputs"], batch["segment_ids"], batch["positions"])
+    return model(batch["inputs"], batch["segment_ids"], batch["positions"], train=train, rng=rng)
 
 
-def make_train_step(setup: TrainSetup, batch_shardings: dict, z_loss: float):
-    """(state, batch) -> (state, metrics), jitted with the state's shardings and donated."""
-    def loss_fn(params, batch):
-        return lm_loss(forward(setup.graphdef, params, batch), batch, z_loss)
+def moe_loss(aux: dict, moe_config) -> tuple[jax.Array, dict]:
+    """Weighted router losses (each averaged over MoE layers) and the per-layer metrics to log."""
+    if not aux:
+        return jnp.zeros(()), {}
+    loss = (moe_config.load_balance_weight * aux["load_balance_loss"].mean()
+            + moe_config.router_z_weight * aux["router_z_loss"].mean())
+    return loss, {f"moe/{name}": value for name, value in aux.items()}
+
+
+def make_train_step(setup: TrainSetup, batch_shardings: dict, config):
+    """(state, batch) -> (state, metrics), jitted with the state's shardings and donated.
+
+    Metrics are scalars, except ``moe/*`` entries: per MoE layer [L_moe] (``expert_usage`` [L_moe, E]).
+    """
+    base_key = jax.random.key(config.train.seed)
+
+    def loss_fn(params, batch, rng):
+        logits, aux = forward(setup.graphdef, params, batch, train=True, rng=rng)
+        loss, metrics = lm_loss(logits, batch, config.optim.z_loss)
+        router_loss, moe_metrics = moe_loss(aux, config.get("moe"))
+        return loss + router_loss, metrics | moe_metrics
 
     def train_step(state, batch):
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
+        rng = jax.random.fold_in(base_key, state["step"])
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, rng)
         updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics["grad_norm"] = optax.tree.norm(grads)
@@ -47,7 +66,7 @@ def make_train_step(setup: TrainSetup, batch_shardings: dict, z_loss: float):
 def make_eval_step(setup: TrainSetup, batch_shardings: dict):
     """(params, batch) -> (sum of token NLL, number of tokens)."""
     def eval_step(params, batch):
-        logits = forward(setup.graphdef, params, batch)
+        logits, _ = forward(setup.graphdef, params, batch)
         nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0]
         return (nll * batch["loss_mask"]).sum(), batch["loss_mask"].sum()
 

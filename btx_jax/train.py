@@ -168,7 +168,7 @@ def run(config, workdir: str) -> dict:
     writer = MetricsWriter(workdir, resume_step=step, enabled=jax.process_index() == 0)
     writer.text("config", "<pre>" + config.to_json_best_effort(indent=2) + "</pre>")
     shardings = steps.batch_shardings(mesh)
-    train_step = steps.make_train_step(setup, shardings, config.optim.z_loss)
+    train_step = steps.make_train_step(setup, shardings, config)
     eval_step = steps.make_eval_step(setup, shardings)
     lr_at, total = schedule(config.optim, config.train.steps), config.train.steps
     stop, throughput, pending, eval_metrics = StopRequested(), Throughput(config, total, step), [], {}

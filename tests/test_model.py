@@ -69,7 +69,7 @@ def randomize(params: dict, seed: int) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def _jitted_forward(graphdef):
-    return jax.jit(lambda params, tokens, seg, pos: nnx.merge(graphdef, params)(tokens, seg, pos))
+    return jax.jit(lambda params, tokens, seg, pos: nnx.merge(graphdef, params)(tokens, seg, pos)[0])
 
 
 def forward(graphdef, params, tokens, segment_ids=None, positions=None):
@@ -259,7 +259,7 @@ def test_norm_scales_matter():
 def _jitted_grad(graphdef):
     """jit of (grad of sum(log_softmax(logits) * weights) w.r.t. the pure-dict params, logits)."""
     def loss(params, tokens, seg, pos, weights):
-        logits = nnx.merge(graphdef, params)(tokens, seg, pos)
+        logits, _ = nnx.merge(graphdef, params)(tokens, seg, pos)
         return jnp.sum(jax.nn.log_softmax(logits, axis=-1) * weights), logits
 
     return jax.jit(jax.grad(loss, has_aux=True))

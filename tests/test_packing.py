@@ -38,7 +38,7 @@ def model_and_params():
         return jnp.asarray(value, x.dtype)
 
     params = jax.tree_util.tree_map_with_path(leaf, nnx.to_pure_dict(state))
-    forward = jax.jit(lambda p, tokens, seg, pos: nnx.merge(graphdef, p)(tokens, seg, pos))
+    forward = jax.jit(lambda p, tokens, seg, pos: nnx.merge(graphdef, p)(tokens, seg, pos)[0])
     return forward, params
 
 

@@ -20,11 +20,12 @@ def _loss_and_grads(config, mesh, params_host, batch):
     shardings = steps.batch_shardings(mesh)
 
     def loss_fn(p, b):
-        return steps.lm_loss(steps.forward(setup.graphdef, p, b), b)[0]
+        return steps.lm_loss(steps.forward(setup.graphdef, p, b)[0], b)[0]
 
     fn = steps._under_mesh(jax.jit(jax.value_and_grad(loss_fn)), mesh)
     loss, grads = fn(params, steps.to_global(batch, shardings))
-    train_step = steps.make_train_step(setup, shardings, z_loss=1e-4)
+    config.optim.z_loss = 1e-4
+    train_step = steps.make_train_step(setup, shardings, config)
     state, metrics = train_step(setup.init_state(params), steps.to_global(batch, shardings))
     return jax.device_get((loss, grads, metrics["loss"], state["params"]))
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from btx_jax.models.moe import MoE, MoEConfig
 from btx_jax.sharding import constrain
 
 _REMAT_POLICIES = {
@@ -40,10 +41,11 @@ class TransformerConfig:
     param_dtype: str = "float32"
     remat: str = "none"
     scan_unroll: int = 1  # layers per loop iteration; num_layers unrolls the stack completely
+    moe: MoEConfig | None = None  # None: every FFN is dense
 
     @classmethod
-    def from_config(cls, model_config) -> "TransformerConfig":
-        return cls(**dict(model_config))
+    def from_config(cls, model_config, moe_config=None) -> "TransformerConfig":
+        return cls(**dict(model_config), moe=MoEConfig.from_config(moe_config))
 
 
 def _param(rngs: nnx.Rngs, shape, axes, std: float, dtype) -> nnx.Param:
@@ -134,22 +136,46 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm decoder block: x + attn(norm(x)), then x + ffn(norm(x)); the FFN is `mlp` or `moe`.
 
-    def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
+    Returns the new residual stream and the MoE layer's router losses and metrics ({} if dense).
+    """
+
+    def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs, *, moe: bool = False):
         self.attn_norm = RMSNorm(cfg)
         self.attn = Attention(cfg, rngs)
         self.mlp_norm = RMSNorm(cfg)
-        self.mlp = MLP(cfg, rngs)
+        if moe:
+            self.moe = MoE(cfg.moe, cfg.d_model, cfg.mlp_dim, std=cfg.init_std, param_dtype=cfg.param_dtype,
+                           dtype=cfg.dtype, rngs=rngs)
+        else:
+            self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x, segment_ids, positions):
+    def __call__(self, x, segment_ids, positions, *, train: bool = False, rng=None):
         x = x + self.attn(self.attn_norm(x), segment_ids, positions)
-        x = x + self.mlp(self.mlp_norm(x))
-        return constrain(x, "batch", "length", "act_embed")
+        aux = {}
+        if hasattr(self, "moe"):
+            y, aux = self.moe(self.mlp_norm(x), segment_ids, train=train, rng=rng)
+        else:
+            y = self.mlp(self.mlp_norm(x))
+        return constrain(x + y, "batch", "length", "act_embed"), aux
+
+
+def _stack(make, count: int, rngs: nnx.Rngs):
+    """`count` modules stacked on a leading `layers` axis (for nnx.scan)."""
+    @nnx.split_rngs(splits=count)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def build(rngs):
+        return make(rngs)
+    return build(rngs)
 
 
 class Transformer(nnx.Module):
-    """Token ids [B, T] -> next-token logits [B, T, V] (float32)."""
+    """Token ids [B, T] -> (next-token logits [B, T, V] float32, per-layer MoE aux {name: [L_moe, ...]}).
+
+    Dense: ``layers`` holds L blocks. MoE with ``moe_every = k``: ``layers`` holds the L / k MoE
+    blocks and, for k > 1, ``dense_layers`` [L / k, k - 1] the dense blocks that precede each.
+    """
 
     def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -157,34 +183,57 @@ class Transformer(nnx.Module):
         self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, embedding_init=embed_init,
                                param_dtype=cfg.param_dtype, dtype=cfg.dtype, rngs=rngs)
 
-        @nnx.split_rngs(splits=cfg.num_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def make_layers(rngs):
-            return Block(cfg, rngs)
-
-        self.layers = make_layers(rngs)
+        if cfg.moe is None:
+            self.layers = _stack(lambda r: Block(cfg, r), cfg.num_layers, rngs)
+        else:
+            every = cfg.moe.moe_every
+            self.layers = _stack(lambda r: Block(cfg, r, moe=True), cfg.num_layers // every, rngs)
+            if every > 1:
+                self.dense_layers = _stack(lambda r: _stack(lambda r2: Block(cfg, r2), every - 1, r),
+                                           cfg.num_layers // every, rngs)
         self.final_norm = RMSNorm(cfg)
         if not cfg.tie_embeddings:
             self.lm_head = Projection((cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
                                       std=cfg.init_std, cfg=cfg, rngs=rngs)
 
-    def __call__(self, tokens, segment_ids=None, positions=None):
+    def __call__(self, tokens, segment_ids=None, positions=None, *, train: bool = False, rng=None):
+        """`train` selects the training capacity factor, router jitter and expert dropout (which need `rng`)."""
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         x = constrain(self.embed(tokens), "batch", "length", "act_embed")
-
-        def apply_block(x, block):
-            return block(x, segment_ids, positions)
-
-        if self.cfg.remat != "none":
-            apply_block = nnx.remat(apply_block, policy=_REMAT_POLICIES[self.cfg.remat])
-        scan = nnx.scan(apply_block, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, unroll=self.cfg.scan_unroll,
-                        transform_metadata={nnx.PARTITION_NAME: "layers"})
-        x = self.final_norm(scan(x, self.layers))
+        rng = jax.random.key(0) if rng is None else rng
+        x, aux = self._apply_layers(x, segment_ids, positions, train, rng)
+        x = self.final_norm(x)
         if self.cfg.tie_embeddings:
             logits = self.embed.attend(x)
         else:
             logits = self.lm_head("btd,dv->btv", x)
-        return constrain(logits.astype(jnp.float32), "batch", "length", "act_vocab")
+        return constrain(logits.astype(jnp.float32), "batch", "length", "act_vocab"), aux
+
+    def _apply_layers(self, x, segment_ids, positions, train, rng):
+        cfg = self.cfg
+
+        def scan_blocks(x, blocks, keys, unroll):
+            def apply_block(x, block, key):
+                return block(x, segment_ids, positions, train=train, rng=key)
+
+            if cfg.remat != "none":
+                apply_block = nnx.remat(apply_block, policy=_REMAT_POLICIES[cfg.remat])
+            scan = nnx.scan(apply_block, in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0), unroll=unroll,
+                            transform_metadata={nnx.PARTITION_NAME: "layers"})
+            return scan(x, blocks, keys)
+
+        count = cfg.num_layers if cfg.moe is None else cfg.num_layers // cfg.moe.moe_every
+        keys = jax.random.split(rng, count)
+        if cfg.moe is None or cfg.moe.moe_every == 1:
+            return scan_blocks(x, self.layers, keys, cfg.scan_unroll)
+
+        def apply_group(x, moe_block, dense_blocks, key):
+            x, _ = scan_blocks(x, dense_blocks, jax.random.split(key, cfg.moe.moe_every - 1), 1)
+            return moe_block(x, segment_ids, positions, train=train, rng=key)
+
+        scan = nnx.scan(apply_group, in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0),
+                        transform_metadata={nnx.PARTITION_NAME: "layers"})
+        return scan(x, self.layers, self.dense_layers, keys)

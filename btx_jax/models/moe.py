@@ -1,0 +1,97 @@
+"""The MoE feed-forward layer: a float32 router, top-k with capacity, and a chosen dispatcher.
+
+Parameters (a contract with the checkpoint surgeon, parallel to the dense FFN
+``mlp/{gate,up,down}/kernel``): ``moe/router/kernel`` [D, E] and
+``moe/experts/{gate,up}/kernel`` [E, D, F], ``moe/experts/down/kernel`` [E, F, D]; with the
+layer stack in front, [L, E, D, F]. Expert e is a dense SwiGLU FFN of width F.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+from flax import nnx
+
+from btx_jax.models import dispatch, router
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    num_experts: int
+    top_k: int = 2
+    moe_every: int = 1
+    dispatcher: str = "einsum"
+    renormalize: bool = True
+    train_capacity_factor: float = 1.25
+    eval_capacity_factor: float = 2.0
+    group_size: int = 256
+    priority: str = "token"
+    router_jitter: float = 0.0
+    router_init_std: float = 0.02
+    expert_dropout: float = 0.0
+    load_balance_weight: float = 0.01
+    router_z_weight: float = 0.001
+    dropless_impl: str = "auto"
+    dropless_block: int = 64
+
+    @classmethod
+    def from_config(cls, moe_config) -> "MoEConfig | None":
+        """None for a dense model (num_experts == 0)."""
+        if moe_config is None or moe_config.num_experts == 0:
+            return None
+        return cls(**dict(moe_config))
+
+
+class Weight(nnx.Module):
+    """One stacked weight, held as ``kernel`` so paths read ``experts/gate/kernel`` like the dense FFN."""
+
+    def __init__(self, shape, axes, std: float, dtype, rngs: nnx.Rngs):
+        init = nnx.with_partitioning(nnx.initializers.normal(std), axes)
+        self.kernel = nnx.Param(init(rngs.params(), shape, dtype))
+
+
+class Experts(nnx.Module):
+    """E SwiGLU FFNs stacked on a leading expert axis."""
+
+    def __init__(self, num_experts: int, d_model: int, mlp_dim: int, *, std: float, dtype, rngs: nnx.Rngs):
+        e, d, f = num_experts, d_model, mlp_dim
+        self.gate = Weight((e, d, f), ("expert", "embed", "mlp"), std, dtype, rngs)
+        self.up = Weight((e, d, f), ("expert", "embed", "mlp"), std, dtype, rngs)
+        self.down = Weight((e, f, d), ("expert", "mlp", "embed"), std, dtype, rngs)
+
+    def weights(self) -> dict[str, jax.Array]:
+        return {"gate": self.gate.kernel[...], "up": self.up.kernel[...], "down": self.down.kernel[...]}
+
+
+class MoE(nnx.Module):
+    """x [B, T, D] -> (y [B, T, D], per-layer router losses and metrics)."""
+
+    def __init__(self, cfg: MoEConfig, d_model: int, mlp_dim: int, *, std: float, param_dtype, dtype, rngs: nnx.Rngs):
+        self.cfg, self.dtype = cfg, dtype
+        self.router = Weight((d_model, cfg.num_experts), ("embed", None), cfg.router_init_std, param_dtype, rngs)
+        self.experts = Experts(cfg.num_experts, d_model, mlp_dim, std=std, dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, segment_ids, *, train: bool = False, rng: jax.Array | None = None):
+        cfg = self.cfg
+        b, t, d = x.shape
+        s = min(cfg.group_size, t)
+        groups = x.reshape(b * t // s, s, d)
+        mask = (segment_ids != 0).reshape(b * t // s, s)
+        jitter_rng, dropout_rng = jax.random.split(rng) if rng is not None else (None, None)
+        routing = router.route(groups, self.router.kernel[...], mask, top_k=cfg.top_k, renormalize=cfg.renormalize,
+                               jitter=cfg.router_jitter if train else 0.0, rng=jitter_rng)
+        kwargs = dict(dtype=self.dtype)
+        if cfg.dispatcher == "dropless":
+            kept = mask[..., None] & (routing.experts >= 0)
+            kwargs.update(impl=cfg.dropless_impl, block=cfg.dropless_block)
+        else:
+            capacity = router.capacity(s, cfg.num_experts, cfg.top_k,
+                                       cfg.train_capacity_factor if train else cfg.eval_capacity_factor)
+            position = router.slot_positions(routing, cfg.num_experts, cfg.priority)
+            kept = position < capacity
+            kwargs.update(position=position, capacity=capacity)
+        if train and cfg.expert_dropout > 0.0:
+            kwargs.update(dropout=cfg.expert_dropout, rng=dropout_rng)
+        y = dispatch.DISPATCHERS[cfg.dispatcher](groups, routing, kept, self.experts.weights(), **kwargs)
+        aux = router.router_losses(routing, cfg.num_experts) | router.router_metrics(routing, kept, cfg.num_experts)
+        return y.reshape(b, t, d), aux

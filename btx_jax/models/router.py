@@ -1,0 +1,105 @@
+"""Token-choice top-k routing in float32, the capacity plan, and the router's losses and metrics.
+
+Everything here runs under GSPMD on the global token array, so the auxiliary losses and
+metrics are global means whatever the mesh: no hand-written psum can be forgotten.
+
+Axis letters: G routing groups, S tokens per group, D model, E experts, K = top_k, C capacity.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class Routing:
+    """The router's decision for every token of every group."""
+
+    experts: jax.Array   # [G, S, K] int32, chosen experts, best first
+    weights: jax.Array   # [G, S, K] float32 gate values (renormalized when configured)
+    mask: jax.Array      # [G, S] bool, False for padding tokens (never routed)
+    probs: jax.Array     # [G, S, E] float32 softmax over experts
+    logits: jax.Array    # [G, S, E] float32
+
+
+jax.tree_util.register_dataclass(Routing, data_fields=["experts", "weights", "mask", "probs", "logits"], meta_fields=[])
+
+
+def route(x: jax.Array, kernel: jax.Array, mask: jax.Array, *, top_k: int, renormalize: bool,
+          jitter: float = 0.0, rng: jax.Array | None = None) -> Routing:
+    """x [G, S, D] -> top-k experts. The router is computed in float32 whatever the compute dtype."""
+    x32 = x.astype(jnp.float32)
+    if jitter > 0.0:
+        x32 = x32 * jax.random.uniform(rng, x32.shape, jnp.float32, 1.0 - jitter, 1.0 + jitter)
+    logits = jnp.einsum("gsd,de->gse", x32, kernel.astype(jnp.float32))
+    probs = jax.nn.softmax(logits, axis=-1)
+    weights, experts = jax.lax.top_k(probs, top_k)
+    if renormalize:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return Routing(experts.astype(jnp.int32), weights, mask, probs, logits)
+
+
+def capacity(tokens_per_group: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
+    """ceil(k * tokens * cf / E), rounded up to a multiple of 4 (at least 4)."""
+    c = math.ceil(top_k * tokens_per_group * capacity_factor / num_experts)
+    return max(4, -(-c // 4) * 4)
+
+
+def slot_positions(routing: Routing, num_experts: int, priority: str = "token") -> jax.Array:
+    """Each choice's position in its expert's queue [G, S, K] (padding tokens: a huge value).
+
+    priority="token": every token's first choice is queued before any second choice, then in
+    token order (GShard). priority="confidence": as "token", but tokens are taken in order of
+    their top-1 router probability, highest first (batch-prioritized routing, V-MoE).
+    """
+    experts, mask = routing.experts, routing.mask
+    g, s, k = experts.shape
+    order = None
+    if priority == "confidence":
+        order = jnp.argsort(-jnp.where(mask, routing.weights[..., 0], -1.0), axis=1, stable=True)  # [G, S]
+        experts = jnp.take_along_axis(experts, order[..., None], axis=1)
+        mask = jnp.take_along_axis(mask, order, axis=1)
+    one_hot = jax.nn.one_hot(experts, num_experts, dtype=jnp.int32) * mask[..., None, None]  # [G, S, K, E]
+    queue = one_hot.transpose(0, 2, 1, 3).reshape(g, k * s, num_experts)  # choice-major, then token order
+    position = jnp.sum((jnp.cumsum(queue, axis=1) - 1) * queue, axis=-1).reshape(g, k, s).transpose(0, 2, 1)
+    position = jnp.where(mask[..., None], position, jnp.iinfo(jnp.int32).max)
+    if order is not None:
+        position = jnp.zeros_like(position).at[jnp.arange(g)[:, None], order].set(position)
+    return position
+
+
+def router_losses(routing: Routing, num_experts: int) -> dict[str, jax.Array]:
+    """Switch load-balancing loss E * sum_e f_e p_e and router z-loss, over non-padding tokens.
+
+    f_e is the fraction of the K routing choices that picked expert e (before any drop),
+    p_e the mean router probability of e; uniform routing gives exactly 1.
+    """
+    m = routing.mask.astype(jnp.float32)
+    tokens = jnp.maximum(m.sum(), 1.0)
+    top_k = routing.experts.shape[-1]
+    chosen = jnp.sum(jax.nn.one_hot(routing.experts, num_experts, dtype=jnp.float32), axis=2)  # [G, S, E]
+    f = jnp.einsum("gse,gs->e", chosen, m) / (tokens * top_k)
+    p = jnp.einsum("gse,gs->e", routing.probs, m) / tokens
+    log_z = jax.nn.logsumexp(routing.logits, axis=-1)
+    return {"load_balance_loss": num_experts * jnp.sum(f * p),
+            "router_z_loss": jnp.sum(jnp.square(log_z) * m) / tokens}
+
+
+def router_metrics(routing: Routing, kept: jax.Array, num_experts: int) -> dict[str, jax.Array]:
+    """Per-layer routing statistics; `kept` [G, S, K] marks the choices that were not dropped."""
+    m = routing.mask.astype(jnp.float32)
+    tokens = jnp.maximum(m.sum(), 1.0)
+    top_k = routing.experts.shape[-1]
+    choices = m[..., None] * jnp.ones(routing.experts.shape, jnp.float32)
+    kept = kept.astype(jnp.float32) * choices
+    usage = jnp.einsum("gske,gsk->e", jax.nn.one_hot(routing.experts, num_experts, dtype=jnp.float32), kept)
+    entropy = -jnp.sum(routing.probs * jnp.log(jnp.maximum(routing.probs, 1e-30)), axis=-1)
+    return {
+        "dropped_fraction": 1.0 - kept.sum() / (tokens * top_k),
+        "expert_usage": usage / jnp.maximum(usage.sum(), 1.0),  # [E], fraction of routed choices per expert
+        "router_entropy": jnp.sum(entropy * m) / tokens,
+        "router_confidence": jnp.sum(jnp.max(routing.probs, axis=-1) * m) / tokens,
+    }
