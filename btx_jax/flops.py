@@ -13,16 +13,23 @@ _PEAK_BY_DEVICE_KIND = {
 }
 
 
-def matmul_params(m) -> int:
-    """N: weights that take part in matmuls (attention, FFN, lm_head), without embeddings and norms."""
+def matmul_params(m, moe=None) -> int:
+    """N: *active* weights per token in matmuls (attention, FFN, lm_head), without embeddings and norms.
+
+    An MoE layer counts top_k expert FFNs plus its router; `moe` is the config's moe section.
+    """
     attn = m.d_model * m.head_dim * (2 * m.num_heads + 2 * m.num_kv_heads)
     ffn = 3 * m.d_model * m.mlp_dim
-    return m.num_layers * (attn + ffn) + m.d_model * m.vocab_size
+    dense = m.num_layers * (attn + ffn) + m.d_model * m.vocab_size
+    if moe is None or not moe.num_experts:
+        return dense
+    moe_layers = m.num_layers // moe.moe_every
+    return dense + moe_layers * ((moe.top_k - 1) * ffn + m.d_model * moe.num_experts)
 
 
-def train_flops_per_token(m, seq_len: int) -> float:
-    """6 N (forward + backward of the matmuls) + 6 L (H Dh) seq (causal attention scores and mixing)."""
-    return 6.0 * matmul_params(m) + 6.0 * m.num_layers * m.num_heads * m.head_dim * seq_len
+def train_flops_per_token(m, seq_len: int, moe=None) -> float:
+    """6 N (forward + backward of the active matmuls) + 6 L (H Dh) seq (causal attention scores and mixing)."""
+    return 6.0 * matmul_params(m, moe) + 6.0 * m.num_layers * m.num_heads * m.head_dim * seq_len
 
 
 def measure_matmul_flops(n: int = 2048, repeats: int = 10) -> float:

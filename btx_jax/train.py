@@ -19,7 +19,7 @@ from ml_collections import config_flags
 from btx_jax import checkpoint, config as config_lib, sharding, steps
 from btx_jax.data import pipeline
 from btx_jax.data.tokenizer import make_tokenizer
-from btx_jax.flops import job_peak_flops, train_flops_per_token
+from btx_jax.flops import job_peak_flops, matmul_params, train_flops_per_token
 from btx_jax.metrics import MetricsWriter
 from btx_jax.data.datasets import DataError
 from btx_jax.state import TrainSetup, init_params, make_setup, param_count, schedule
@@ -103,7 +103,7 @@ class Throughput:
 
     def __init__(self, config, total_steps: int, start_step: int):
         self.tokens_per_step = config.data.batch_size * config.data.seq_len
-        self.flops_per_step = train_flops_per_token(config.model, config.data.seq_len) * self.tokens_per_step
+        self.flops_per_step = train_flops_per_token(config.model, config.data.seq_len, config.moe) * self.tokens_per_step
         self.peak = job_peak_flops(config.train.peak_flops)
         self.total, self.last_step, self.last_time = total_steps, start_step, time.perf_counter()
 
@@ -122,8 +122,11 @@ class Throughput:
 
 def _print_plan(config, mesh, setup, workdir) -> None:
     n = param_count(setup.abstract_params)
+    moe = config.moe
+    kind = (f", MoE {moe.num_experts} experts top-{moe.top_k} ({moe.dispatcher}), "
+            f"{matmul_params(config.model, moe) / 1e6:.2f}M active matmul params") if moe.num_experts else ""
     print(f"[train] workdir {workdir}\n[train] mesh {sharding.describe(mesh)}\n"
-          f"[train] model: {n / 1e6:.2f}M params, {config.model.num_layers} layers, d_model {config.model.d_model}\n"
+          f"[train] model: {n / 1e6:.2f}M params, {config.model.num_layers} layers, d_model {config.model.d_model}{kind}\n"
           f"[train] data: domains {', '.join(f'{k} {w:.2f}' for k, w in config_lib.domain_weights(config.data).items())}, {config.data.batch_size} x "
           f"{config.data.seq_len} tokens/step, {config.train.steps} steps", flush=True)
 
@@ -134,10 +137,17 @@ def _due(step: int, every: int, total: int) -> bool:
 
 def _log_train(writer, throughput, pending: list, step: int, config, lr_at) -> None:
     """Means of the step metrics since the last log, plus throughput and lr, to all sinks."""
-    logged = {k: float(np.mean([float(m[k]) for m in pending])) for k in pending[0]}
+    means = {k: np.mean([np.asarray(m[k]) for m in pending], axis=0) for k in pending[0]}
+    logged = {k: float(v) for k, v in means.items() if not k.startswith("moe/")}
     logged.update(throughput.report(step), lr=float(lr_at(step - 1)))
     writer.scalars(step, logged)
-    print(f"[train] step {step}/{config.train.steps} loss {logged['loss']:.4f} | "
+    router = {k.removeprefix("moe/"): v for k, v in means.items() if k.startswith("moe/")}
+    moe_line = ""
+    if router:
+        writer.router_stats(step, router)
+        moe_line = (f" | balance {router['load_balance_loss'].mean():.3f} "
+                    f"dropped {router['dropped_fraction'].mean():.1%}")
+    print(f"[train] step {step}/{config.train.steps} loss {logged['loss']:.4f}{moe_line} | "
           f"{logged['perf/tokens_per_s']:,.0f} tok/s | mfu {logged['perf/mfu']:.2f} | "
           f"eta {_format_eta(logged['perf/eta_s'])}", flush=True)
 
