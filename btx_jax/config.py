@@ -170,6 +170,9 @@ def _check_moe(e: ConfigDict, m: ConfigDict, seq_len: int) -> None:
     for field in ("router_jitter", "expert_dropout"):
         if not 0 <= e[field] < 1:
             raise ConfigError(f"moe.{field}", f"must be in [0, 1), got {e[field]}", "use e.g. 0.0 or 0.1")
+    if e.dispatcher == "dropless" and e.expert_dropout > 0:
+        raise ConfigError("moe.expert_dropout", "is not implemented for the dropless dispatcher",
+                          "set moe.expert_dropout=0 or use the einsum or alltoall dispatcher")
     if e.dropless_block < 1:
         raise ConfigError("moe.dropless_block", f"must be >= 1, got {e.dropless_block}", "use e.g. 64")
 

@@ -123,6 +123,8 @@ def check_divisible(config: ConfigDict, mesh: Mesh) -> None:
     checks = [("model.num_heads", m.num_heads, "tensor"), ("model.num_kv_heads", m.num_kv_heads, "tensor"),
               ("model.mlp_dim", m.mlp_dim, "tensor"), ("model.vocab_size", m.vocab_size, "tensor"),
               ("model.d_model", m.d_model, "fsdp")]
+    if config.moe.num_experts:
+        checks.append(("moe.num_experts", config.moe.num_experts, "expert"))
     for field, value, axis in checks:
         if value % size[axis]:
             raise ConfigError(field, f"{value} does not split over the '{axis}' mesh axis of size {size[axis]}",

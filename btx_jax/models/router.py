@@ -59,7 +59,8 @@ def slot_positions(routing: Routing, num_experts: int, priority: str = "token") 
     g, s, k = experts.shape
     order = None
     if priority == "confidence":
-        order = jnp.argsort(-jnp.where(mask, routing.weights[..., 0], -1.0), axis=1, stable=True)  # [G, S]
+        confidence = jnp.max(routing.probs, axis=-1)
+        order = jnp.argsort(-jnp.where(mask, confidence, -1.0), axis=1, stable=True)  # [G, S]
         experts = jnp.take_along_axis(experts, order[..., None], axis=1)
         mask = jnp.take_along_axis(mask, order, axis=1)
     one_hot = jax.nn.one_hot(experts, num_experts, dtype=jnp.int32) * mask[..., None, None]  # [G, S, K, E]
@@ -98,7 +99,7 @@ def router_metrics(routing: Routing, kept: jax.Array, num_experts: int) -> dict[
     usage = jnp.einsum("gske,gsk->e", jax.nn.one_hot(routing.experts, num_experts, dtype=jnp.float32), kept)
     entropy = -jnp.sum(routing.probs * jnp.log(jnp.maximum(routing.probs, 1e-30)), axis=-1)
     return {
-        "dropped_fraction": 1.0 - kept.sum() / (tokens * top_k),
+        "dropped_fraction": jnp.sum(choices - kept) / (tokens * top_k),
         "expert_usage": usage / jnp.maximum(usage.sum(), 1.0),  # [E], fraction of routed choices per expert
         "router_entropy": jnp.sum(entropy * m) / tokens,
         "router_confidence": jnp.sum(jnp.max(routing.probs, axis=-1) * m) / tokens,

@@ -1,0 +1,226 @@
+"""The MoE layer: dispatchers against the loop-over-experts reference and numpy, on several meshes.
+
+Meshes: 1 device, (expert=8), (data=2, expert=4), (fsdp=2, expert=2, tensor=2).
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from btx_jax import sharding
+from btx_jax.models import router as router_lib
+from btx_jax.models.moe import MoE, MoEConfig
+from btx_jax.models.transformer import MLP, TransformerConfig
+from helpers import mesh_of
+
+E, K, D, F = 8, 2, 32, 48
+B, T, S = 8, 32, 16  # rows, tokens per row, tokens per routing group
+MESHES = {"1": {}, "e8": dict(expert=8), "d2e4": dict(data=2, expert=4), "f2e2t2": dict(fsdp=2, expert=2, tensor=2)}
+DISPATCHERS = ("einsum", "alltoall", "dropless")
+
+
+def get_mesh(name):
+    axes = MESHES[name]
+    return mesh_of(jax.devices()[:1] if not axes else jax.devices(), **axes)
+
+
+def moe_config(dispatcher, capacity_factor=8.0, **overrides):
+    """capacity_factor=8 gives capacity >= S: nothing can be dropped."""
+    return MoEConfig(num_experts=E, top_k=K, dispatcher=dispatcher, group_size=S, train_capacity_factor=capacity_factor,
+                     eval_capacity_factor=capacity_factor, dropless_block=4, **overrides)
+
+
+@functools.lru_cache(maxsize=None)
+def inputs(seed=0):
+    """Tokens [B, T, D] with padding at the end of each row, and parameters with a spread-out router."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(B, T, D)).astype(np.float32)
+    seg = np.ones((B, T), np.int32)
+    seg[:, -3:] = 0
+    params = {"router": rng.normal(0, 0.5, (D, E)), "gate": rng.normal(0, D**-0.5, (E, D, F)),
+              "up": rng.normal(0, D**-0.5, (E, D, F)), "down": rng.normal(0, F**-0.5, (E, F, D))}
+    return x, seg, {k: v.astype(np.float32) for k, v in params.items()}
+
+
+def set_params(model, params):
+    model.router.kernel[...] = params["router"]
+    for name in ("gate", "up", "down"):
+        getattr(model.experts, name).kernel[...] = params[name]
+
+
+def run_moe(cfg: MoEConfig, mesh_name: str, seed=0, train=False):
+    """(y, aux, grads w.r.t. x and every parameter) of one MoE layer on a mesh."""
+    x, seg, params = inputs(seed)
+    mesh = get_mesh(mesh_name)
+    with sharding.use_mesh(mesh):
+        model = MoE(cfg, D, F, std=0.02, param_dtype="float32", dtype="float32", rngs=nnx.Rngs(0))
+        set_params(model, params)
+        graphdef, state = nnx.split(model)
+        shardings = nnx.get_named_sharding(state, mesh)
+        state = jax.device_put(state, shardings)
+        x = jax.device_put(x, sharding.batch_sharding(mesh, 3))
+        weights = jnp.asarray(np.random.default_rng(99).normal(size=(B, T, D)), jnp.float32)
+
+        def loss(state, x):
+            y, aux = nnx.merge(graphdef, state)(x, jnp.asarray(seg), train=train)
+            return jnp.sum(y * weights), (y, aux)
+
+        (_, (y, aux)), (g_state, g_x) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(state, x)
+    g_state = nnx.to_pure_dict(g_state)
+    grads = {"x": g_x, "router": g_state["router"]["kernel"],
+             **{n: g_state["experts"][n]["kernel"] for n in ("gate", "up", "down")}}
+    return jax.device_get((y, aux, grads))
+
+
+def assert_close(got, want, rtol=1e-4, atol=1e-5):
+    got, want = np.asarray(got), np.asarray(want)
+    scale = np.abs(want).max()
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=atol * max(scale, 1.0))
+
+
+@functools.lru_cache(maxsize=None)
+def reference_result():
+    return run_moe(moe_config("reference"), "1")
+
+
+@pytest.mark.parametrize("mesh_name", list(MESHES))
+@pytest.mark.parametrize("dispatcher", DISPATCHERS)
+def test_dispatcher_matches_reference(dispatcher, mesh_name):
+    """Forward, gradients (inputs, router, experts) and every aux value equal the 1-device reference."""
+    y, aux, grads = run_moe(moe_config(dispatcher), mesh_name)
+    y_ref, aux_ref, grads_ref = reference_result()
+    assert float(aux_ref["dropped_fraction"]) == 0.0
+    assert_close(y, y_ref)
+    for name in grads_ref:
+        assert_close(grads[name], grads_ref[name])
+    assert set(aux) == set(aux_ref)
+    for name in aux_ref:
+        assert_close(aux[name], aux_ref[name], rtol=1e-5)
+
+
+def numpy_routing(x, params, capacity, priority="token", seg=None):
+    """An independent routing policy written as loops: returns gates [N, E] after drops, per group."""
+    g_count = B * T // S
+    xs = x.reshape(g_count, S, D).astype(np.float64)
+    mask = np.ones((g_count, S), bool) if seg is None else seg.reshape(g_count, S) != 0
+    logits = xs @ params["router"].astype(np.float64)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    gates = np.zeros((g_count, S, E))
+    for g in range(g_count):
+        top = np.argsort(-probs[g], axis=-1, kind="stable")[:, :K]
+        w = np.take_along_axis(probs[g], top, axis=-1)
+        w /= w.sum(-1, keepdims=True)
+        tokens = [s for s in range(S) if mask[g, s]]
+        if priority == "confidence":
+            tokens = sorted(tokens, key=lambda s: -probs[g, s].max())
+        load = np.zeros(E, int)
+        for j in range(K):  # all first choices, then all second choices
+            for s in tokens:
+                e = top[s, j]
+                if load[e] < capacity:
+                    gates[g, s, e] = w[s, j]
+                load[e] += 1
+    return gates.reshape(B, T, E), probs.reshape(B, T, E), mask.reshape(B, T)
+
+
+def numpy_moe(x, params, gates):
+    """y = sum_e gate_e * SwiGLU_e(x) in float64."""
+    x64 = x.astype(np.float64)
+    y = np.zeros_like(x64)
+    for e in range(E):
+        h = x64 @ params["gate"][e]
+        h = h / (1 + np.exp(-h)) * (x64 @ params["up"][e])
+        y += gates[..., e:e + 1] * (h @ params["down"][e])
+    return y
+
+
+@pytest.mark.parametrize("priority", ["token", "confidence"])
+def test_capacity_positions_match_python_loop(priority):
+    """The vectorized queue positions keep exactly the choices a sequential loop keeps."""
+    x, seg, params = inputs(1)
+    capacity = 4
+    want, _, _ = numpy_routing(x, params, capacity, priority, seg)
+    groups = jnp.asarray(x.reshape(-1, S, D))
+    routing = router_lib.route(groups, jnp.asarray(params["router"]), jnp.asarray(seg.reshape(-1, S) != 0),
+                               top_k=K, renormalize=True)
+    kept = router_lib.slot_positions(routing, E, priority) < capacity
+    got = np.zeros((B * T // S, S, E))
+    g, s, j = np.nonzero(np.asarray(kept))
+    got[g, s, np.asarray(routing.experts)[g, s, j]] = np.asarray(routing.weights)[g, s, j]
+    assert 0 < (want > 0).sum() < K * seg.sum()  # some choices are dropped, some kept
+    np.testing.assert_allclose(got.reshape(B, T, E), want, atol=1e-6)
+
+
+@pytest.mark.parametrize("mesh_name", ["1", "e8", "d2e4"])
+@pytest.mark.parametrize("dispatcher", ["einsum", "alltoall"])
+@pytest.mark.parametrize("priority", ["token", "confidence"])
+def test_drops_match_numpy_policy(dispatcher, mesh_name, priority):
+    """With a capacity that forces drops, the output is numpy's MoE with numpy's drop policy."""
+    x, seg, params = inputs(0)
+    cfg = moe_config(dispatcher, capacity_factor=0.5, priority=priority)
+    capacity = router_lib.capacity(S, E, K, 0.5)
+    y, aux, _ = run_moe(cfg, mesh_name)
+    gates, _, mask = numpy_routing(x, params, capacity, priority, seg)
+    dropped = 1 - (gates > 0).sum() / (K * mask.sum())
+    assert dropped > 0.1
+    np.testing.assert_allclose(float(aux["dropped_fraction"]), dropped, atol=1e-6)
+    assert_close(y, numpy_moe(x, params, gates))
+    fully_dropped = (gates.sum(-1) == 0) & mask
+    assert fully_dropped.any()
+    assert np.all(np.asarray(y)[fully_dropped] == 0.0)  # nothing added: these pass through the residual
+
+
+def test_aux_values_match_numpy():
+    """Load-balancing loss, z-loss, usage, entropy and confidence against their formulas in numpy."""
+    x, seg, params = inputs(0)
+    _, aux, _ = reference_result()
+    gates, probs, mask = numpy_routing(x, params, capacity=10**6, seg=seg)
+    logits = x.astype(np.float64) @ params["router"]
+    m = mask.astype(np.float64)
+    n = m.sum()
+    f = ((gates > 0) * m[..., None]).sum((0, 1)) / (n * K)
+    p = (probs * m[..., None]).sum((0, 1)) / n
+    log_z = np.log(np.exp(logits).sum(-1))
+    np.testing.assert_allclose(aux["load_balance_loss"], E * np.sum(f * p), rtol=1e-5)
+    np.testing.assert_allclose(aux["router_z_loss"], (log_z**2 * m).sum() / n, rtol=1e-5)
+    np.testing.assert_allclose(aux["expert_usage"], f, atol=1e-6)
+    np.testing.assert_allclose(aux["router_entropy"], (-(probs * np.log(probs)).sum(-1) * m).sum() / n, rtol=1e-5)
+    np.testing.assert_allclose(aux["router_confidence"], (probs.max(-1) * m).sum() / n, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dispatcher", ["reference", "einsum", "alltoall", "dropless"])
+def test_upcycling_identity(dispatcher):
+    """E copies of one dense FFN with renormalized top-k weights reproduce the dense FFN, whatever the router."""
+    x, _, params = inputs(2)
+    tcfg = TransformerConfig(vocab_size=16, d_model=D, num_layers=1, num_heads=2, num_kv_heads=2, head_dim=16,
+                             mlp_dim=F)
+    with sharding.use_mesh(get_mesh("1")):
+        mlp = MLP(tcfg, nnx.Rngs(3))
+        dense = np.asarray(mlp(jnp.asarray(x)))
+        copies = {"router": params["router"],
+                  **{n: np.repeat(np.asarray(getattr(mlp, n).kernel[...])[None], E, axis=0) for n in ("gate", "up", "down")}}
+    with sharding.use_mesh(get_mesh("d2e4")):
+        model = MoE(moe_config(dispatcher), D, F, std=0.02, param_dtype="float32", dtype="float32", rngs=nnx.Rngs(0))
+        set_params(model, copies)
+        y, aux = nnx.jit(lambda m, x: m(x, jnp.ones((B, T), jnp.int32)))(model, jnp.asarray(x))
+    assert float(aux["dropped_fraction"]) == 0.0
+    assert_close(jax.device_get(y), dense)
+
+
+def test_train_mode_uses_train_capacity_and_jitter():
+    """train=True: the training capacity factor applies (more drops) and jitter changes the routing."""
+    cfg = moe_config("einsum", capacity_factor=8.0)
+    cfg = MoEConfig(**{**cfg.__dict__, "train_capacity_factor": 0.5, "router_jitter": 0.5})
+    x, seg, params = inputs(0)
+    with sharding.use_mesh(get_mesh("1")):
+        model = MoE(cfg, D, F, std=0.02, param_dtype="float32", dtype="float32", rngs=nnx.Rngs(0))
+        set_params(model, params)
+        _, eval_aux = model(jnp.asarray(x), jnp.asarray(seg))
+        _, train_aux = model(jnp.asarray(x), jnp.asarray(seg), train=True, rng=jax.random.key(1))
+    assert float(eval_aux["dropped_fraction"]) == 0.0
+    assert float(train_aux["dropped_fraction"]) > 0.1
+    assert float(train_aux["router_entropy"]) != pytest.approx(float(eval_aux["router_entropy"]), abs=1e-7)
