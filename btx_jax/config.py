@@ -19,7 +19,7 @@ DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots")
 DISPATCHERS = ("einsum", "alltoall", "dropless", "reference")
 PRIORITIES = ("token", "confidence")
-DROPLESS_IMPLS = ("auto", "blocks", "ragged")
+GROUPED_IMPLS = ("auto", "blocks", "native")
 TOKENIZERS = ("byte", "sentencepiece")
 
 
@@ -66,8 +66,11 @@ def base_config() -> ConfigDict:
         expert_dropout=0.0,    # dropout on expert hidden activations, training only (for MoE finetuning)
         load_balance_weight=0.01,  # Switch loss E * sum_e f_e p_e, averaged over MoE layers
         router_z_weight=0.001,     # mean log(Z)^2 of router logits, averaged over MoE layers
-        dropless_impl="auto",  # auto | blocks (sorted, block-padded grouped matmul: fast on CPU) | ragged (ragged_dot)
-        dropless_block=64,     # rows per block of the CPU grouped matmul
+        # How dropless and alltoall run the expert FFNs: blocks (a loop over row blocks that skips
+        # empty ones: fast on CPU) | native (ragged_dot for dropless, dense capacity buffers for
+        # alltoall: what TPU/GPU want) | auto (blocks on CPU, native elsewhere)
+        grouped_impl="auto",
+        grouped_block=128,     # rows per block for grouped_impl=blocks
     ))
     c.mesh = ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))  # -1: the remaining devices
     c.data = ConfigDict(dict(
@@ -159,8 +162,8 @@ def _check_moe(e: ConfigDict, m: ConfigDict, seq_len: int) -> None:
         raise ConfigError("moe.dispatcher", f"unknown dispatcher {e.dispatcher!r}", f"use one of {DISPATCHERS}")
     if e.priority not in PRIORITIES:
         raise ConfigError("moe.priority", f"unknown priority {e.priority!r}", f"use one of {PRIORITIES}")
-    if e.dropless_impl not in DROPLESS_IMPLS:
-        raise ConfigError("moe.dropless_impl", f"unknown implementation {e.dropless_impl!r}", f"use one of {DROPLESS_IMPLS}")
+    if e.grouped_impl not in GROUPED_IMPLS:
+        raise ConfigError("moe.grouped_impl", f"unknown implementation {e.grouped_impl!r}", f"use one of {GROUPED_IMPLS}")
     if e.moe_every < 1 or m.num_layers % e.moe_every:
         raise ConfigError("moe.moe_every", f"{e.moe_every} does not divide model.num_layers={m.num_layers}",
                           "use 1 (every layer) or a divisor of num_layers")
@@ -173,8 +176,8 @@ def _check_moe(e: ConfigDict, m: ConfigDict, seq_len: int) -> None:
     if e.dispatcher == "dropless" and e.expert_dropout > 0:
         raise ConfigError("moe.expert_dropout", "is not implemented for the dropless dispatcher",
                           "set moe.expert_dropout=0 or use the einsum or alltoall dispatcher")
-    if e.dropless_block < 1:
-        raise ConfigError("moe.dropless_block", f"must be >= 1, got {e.dropless_block}", "use e.g. 64")
+    if e.grouped_block < 1:
+        raise ConfigError("moe.grouped_block", f"must be >= 1, got {e.grouped_block}", "use e.g. 64")
 
 
 def _check_data(d: ConfigDict) -> None:

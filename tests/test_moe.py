@@ -12,6 +12,7 @@ from flax import nnx
 
 from btx_jax import sharding
 from btx_jax.models import router as router_lib
+from btx_jax.models.grouped_ffn import grouped_ffn
 from btx_jax.models.moe import MoE, MoEConfig
 from btx_jax.models.transformer import MLP, TransformerConfig
 from helpers import mesh_of
@@ -19,7 +20,9 @@ from helpers import mesh_of
 E, K, D, F = 8, 2, 32, 48
 B, T, S = 8, 32, 16  # rows, tokens per row, tokens per routing group
 MESHES = {"1": {}, "e8": dict(expert=8), "d2e4": dict(data=2, expert=4), "f2e2t2": dict(fsdp=2, expert=2, tensor=2)}
-DISPATCHERS = ("einsum", "alltoall", "dropless")
+# dispatcher-grouped_impl: "blocks" skips empty row blocks (the CPU path); "native" is ragged_dot
+# for dropless and dense capacity buffers for alltoall (the TPU/GPU paths, also correct on CPU)
+DISPATCHERS = ("einsum", "alltoall-blocks", "alltoall-native", "dropless-blocks", "dropless-native")
 
 
 def get_mesh(name):
@@ -28,9 +31,10 @@ def get_mesh(name):
 
 
 def moe_config(dispatcher, capacity_factor=8.0, **overrides):
-    """capacity_factor=8 gives capacity >= S: nothing can be dropped."""
+    """capacity_factor=8 gives capacity >= S: nothing can be dropped. `dispatcher` may name an impl: 'dropless-native'."""
+    dispatcher, _, impl = dispatcher.partition("-")
     return MoEConfig(num_experts=E, top_k=K, dispatcher=dispatcher, group_size=S, train_capacity_factor=capacity_factor,
-                     eval_capacity_factor=capacity_factor, dropless_block=4, **overrides)
+                     eval_capacity_factor=capacity_factor, grouped_impl=impl or "auto", grouped_block=4, **overrides)
 
 
 @functools.lru_cache(maxsize=None)
@@ -156,7 +160,7 @@ def test_capacity_positions_match_python_loop(priority):
 
 
 @pytest.mark.parametrize("mesh_name", ["1", "e8", "d2e4"])
-@pytest.mark.parametrize("dispatcher", ["einsum", "alltoall"])
+@pytest.mark.parametrize("dispatcher", ["einsum", "alltoall-blocks", "alltoall-native"])
 @pytest.mark.parametrize("priority", ["token", "confidence"])
 def test_drops_match_numpy_policy(dispatcher, mesh_name, priority):
     """With a capacity that forces drops, the output is numpy's MoE with numpy's drop policy."""
@@ -192,7 +196,7 @@ def test_aux_values_match_numpy():
     np.testing.assert_allclose(aux["router_confidence"], (probs.max(-1) * m).sum() / n, rtol=1e-5)
 
 
-@pytest.mark.parametrize("dispatcher", ["reference", "einsum", "alltoall", "dropless"])
+@pytest.mark.parametrize("dispatcher", ["reference", *DISPATCHERS])
 def test_upcycling_identity(dispatcher):
     """E copies of one dense FFN with renormalized top-k weights reproduce the dense FFN, whatever the router."""
     x, _, params = inputs(2)
@@ -224,3 +228,38 @@ def test_train_mode_uses_train_capacity_and_jitter():
     assert float(eval_aux["dropped_fraction"]) == 0.0
     assert float(train_aux["dropped_fraction"]) > 0.1
     assert float(train_aux["router_entropy"]) != pytest.approx(float(eval_aux["router_entropy"]), abs=1e-7)
+
+
+@pytest.mark.parametrize("counts", [[5, 0, 37, 16, 1, 0, 22, 3], [0, 0, 0, 0, 0, 0, 0, 84], [0] * 8])
+def test_grouped_ffn_matches_per_row_numpy(counts):
+    """Full blocks, halving remainder blocks and spilling partial blocks: values and all gradients."""
+    rng = np.random.default_rng(5)
+    rows = 90  # > sum(counts): trailing zero rows are padding
+    total = sum(counts)
+    x = np.zeros((rows, D), np.float32)
+    x[:total] = rng.normal(size=(total, D))
+    w = {"gate": rng.normal(0, D**-0.5, (E, D, F)), "up": rng.normal(0, D**-0.5, (E, D, F)),
+         "down": rng.normal(0, F**-0.5, (E, F, D))}
+    w = {k: jnp.asarray(v, jnp.float32) for k, v in w.items()}
+    expert_of_row = np.repeat(np.arange(E), counts)
+    cotangent = jnp.asarray(rng.normal(size=(rows, D)), jnp.float32)
+
+    def naive(x, w):  # each row through its own expert, with autodiff
+        out = []
+        for r in range(rows):
+            if r >= total:
+                out.append(jnp.zeros((D,)))
+                continue
+            e = expert_of_row[r]
+            out.append((jax.nn.silu(x[r] @ w["gate"][e]) * (x[r] @ w["up"][e])) @ w["down"][e])
+        return jnp.sum(jnp.stack(out) * cotangent)
+
+    def grouped(x, w):
+        y = grouped_ffn(x, jnp.asarray(counts, jnp.int32), w["gate"], w["up"], w["down"], block=16, min_block=4)
+        return jnp.sum(y * cotangent)
+
+    want, want_grads = jax.value_and_grad(naive, argnums=(0, 1))(jnp.asarray(x), w)
+    got, got_grads = jax.jit(jax.value_and_grad(grouped, argnums=(0, 1)))(jnp.asarray(x), w)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+        assert_close(a, b)

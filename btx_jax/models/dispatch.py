@@ -90,18 +90,43 @@ def unpack(y, routing: Routing, kept, position, capacity: int, dtype):
     return jnp.einsum("gskd,gsk->gsd", picked, _gates(routing, kept, dtype))
 
 
-def alltoall(x, routing: Routing, kept, w, *, position, capacity, dtype, dropout=0.0, rng=None, **_):
+def _resolve(impl: str) -> str:
+    return ("blocks" if jax.default_backend() == "cpu" else "native") if impl == "auto" else impl
+
+
+def _filled_buffers_ffn(buffers, filled, w, *, block: int, dtype):
+    """Expert FFN on capacity buffers [E, G, C, D] whose first `filled[e, g]` slots hold tokens:
+    the filled rows are compacted (still in expert order) for :func:`grouped_ffn`, so the
+    capacity slack costs no FLOPs."""
+    e, g, c, d = buffers.shape
+    slot_filled = (jnp.arange(c)[None, None, :] < filled[..., None]).reshape(-1)
+    order = jnp.argsort(~slot_filled, stable=True)  # filled slots first, expert-major
+    rows = buffers.reshape(-1, d).astype(dtype)[order]
+    y = grouped_ffn(rows, filled.sum(axis=1), w["gate"].astype(dtype), w["up"].astype(dtype),
+                    w["down"].astype(dtype), block)
+    return jnp.zeros_like(y).at[order].set(y).reshape(e, g, c, d)
+
+
+def alltoall(x, routing: Routing, kept, w, *, position, capacity, dtype, dropout=0.0, rng=None,
+             impl: str = "auto", block: int = 128, **_):
     """Expert parallel: experts split over the `expert` mesh axis, tokens exchanged by all-to-all."""
     num_experts = w["gate"].shape[0]
     mesh = jax.sharding.get_abstract_mesh()
     ways = 1 if mesh.empty else mesh.shape["expert"]
+    skip_empty = _resolve(impl) == "blocks" and dropout == 0.0
 
     def local(x, routing, kept, position, w, rng):
         buffers = pack(x.astype(dtype), routing, kept, position, capacity, num_experts)  # [E, G_local, C, D]
+        filled = jnp.einsum("gske,gsk->eg", jax.nn.one_hot(routing.experts, num_experts, dtype=jnp.int32),
+                            kept.astype(jnp.int32))  # [E, G_local] tokens in each buffer
         if ways > 1:  # [E, G_local, C, D] -> [E / ways, ways * G_local, C, D]: my experts, everyone's tokens
             buffers = jax.lax.all_to_all(buffers, "expert", split_axis=0, concat_axis=1, tiled=True)
+            filled = jax.lax.all_to_all(filled, "expert", split_axis=0, concat_axis=1, tiled=True)
             rng = None if rng is None else jax.random.fold_in(rng, jax.lax.axis_index("expert"))
-        y = expert_ffn(buffers, w, dtype, dropout, rng)
+        if skip_empty:
+            y = _filled_buffers_ffn(buffers, filled, w, block=block, dtype=dtype)
+        else:
+            y = expert_ffn(buffers, w, dtype, dropout, rng)
         if ways > 1:
             y = jax.lax.all_to_all(y, "expert", split_axis=1, concat_axis=0, tiled=True)
         return unpack(y, routing, kept, position, capacity, dtype)
@@ -110,7 +135,7 @@ def alltoall(x, routing: Routing, kept, w, *, position, capacity, dtype, dropout
         return local(x, routing, kept, position, w, rng)
     tokens = P("expert")
     weights = {k: P("expert") for k in w}
-    fn = jax.shard_map(local, mesh=mesh, axis_names={"expert"},
+    fn = jax.shard_map(local, mesh=mesh, axis_names={"expert"}, check_vma=not skip_empty,  # see dropless()
                        in_specs=(tokens, tokens, tokens, tokens, weights, P()), out_specs=tokens)
     return fn(x, routing, kept, position, w, rng)
 
@@ -124,30 +149,13 @@ def _sort_by_expert(experts, mask, num_experts: int):
 
 
 def _dropless_blocks(x, experts, gates, mask, w, *, block: int, dtype):
-    """CPU grouped matmul: each expert's rows padded to whole blocks, one matmul per used block."""
+    """CPU grouped matmul (:mod:`grouped_ffn`) over the expert-sorted rows."""
     n, d = x.shape
     num_experts = w["gate"].shape[0]
     flat, order, counts = _sort_by_expert(experts, mask, num_experts)
-    a = flat.shape[0]
-    padded = -(-counts // block) * block
-    padded_start = jnp.cumsum(padded) - padded
-    start = jnp.cumsum(counts) - counts
-    num_blocks = -(-(a + num_experts * (block - 1)) // block)
-    rows = num_blocks * block
-    sorted_expert = flat[order]
-    valid = sorted_expert < num_experts
-    safe_expert = jnp.minimum(sorted_expert, num_experts - 1)
-    sorted_row = jnp.where(valid, padded_start[safe_expert] + jnp.arange(a) - start[safe_expert], rows)
-    row_of_choice = jnp.zeros((a,), jnp.int32).at[order].set(sorted_row)  # [A]; padding choices -> rows (dump)
-    token_of_choice = jnp.arange(a, dtype=jnp.int32) // experts.shape[1]
-    row_token = jnp.full((rows + 1,), n, jnp.int32).at[row_of_choice].set(token_of_choice)[:rows]
-    x_rows = jnp.concatenate([x.astype(dtype), jnp.zeros((1, d), dtype)])[row_token]
-    block_start = jnp.arange(num_blocks) * block
-    block_expert = jnp.minimum(jnp.sum(jnp.cumsum(padded)[None, :] <= block_start[:, None], axis=1), num_experts - 1)
-    block_used = block_start < jnp.sum(padded)
-    y = grouped_ffn(x_rows.reshape(num_blocks, block, d), block_expert.astype(jnp.int32), block_used,
-                    w["gate"].astype(dtype), w["up"].astype(dtype), w["down"].astype(dtype)).reshape(rows, d)
-    y = jnp.concatenate([y, jnp.zeros((1, d), y.dtype)])[row_of_choice].reshape(*experts.shape, d)
+    rows = x.astype(dtype)[order // experts.shape[1]]
+    y = grouped_ffn(rows, counts, w["gate"].astype(dtype), w["up"].astype(dtype), w["down"].astype(dtype), block)
+    y = jnp.zeros_like(y).at[order].set(y).reshape(*experts.shape, d)
     return jnp.einsum("nkd,nk->nd", y, gates)
 
 
@@ -165,11 +173,9 @@ def _dropless_ragged(x, experts, gates, mask, w, *, dtype, **_):
     return jnp.einsum("nkd,nk->nd", y, gates)
 
 
-def dropless(x, routing: Routing, kept, w, *, dtype, impl: str = "auto", block: int = 64, **_):
+def dropless(x, routing: Routing, kept, w, *, dtype, impl: str = "auto", block: int = 128, **_):
     """No capacity: every choice is computed. Each device sorts its own tokens (shard_map over the batch axes)."""
-    if impl == "auto":
-        impl = "blocks" if jax.default_backend() == "cpu" else "ragged"
-    compute = _dropless_ragged if impl == "ragged" else _dropless_blocks
+    compute = _dropless_ragged if _resolve(impl) == "native" else _dropless_blocks
 
     def local(x, routing, kept, w):
         g, s, d = x.shape

@@ -1,65 +1,127 @@
-"""A grouped SwiGLU FFN over expert-sorted row blocks: the dropless MoE's compute on CPU.
+"""A grouped SwiGLU FFN over rows sorted by expert: the expert compute of dropless (and alltoall) on CPU.
 
-`jax.lax.ragged_dot` lowers natively only on TPU/GPU; on CPU it is masked-dense (every
-expert multiplies every row). Here rows are sorted by expert and each expert's rows are
-padded to whole blocks, so one loop over blocks does one [block, D] x [D, F] matmul with
-that block's expert weights, and skips the blocks left empty. The backward pass is written
-by hand so that the weight gradients accumulate in place (``dW.at[e].add``) instead of
-materializing an [E, D, F] cotangent per block.
+`jax.lax.ragged_dot` lowers natively only on TPU/GPU; on CPU it is masked-dense, so every
+expert multiplies every row and the cost grows with E. Here a loop over experts takes each
+expert's weights once and walks its rows in blocks: as many full blocks of `block` rows as
+fit, then the remainder in halving blocks (block/2, block/4, ... down to `min_block`), so at
+most `min_block - 1` rows per expert are computed in vain, whatever E.
+
+Experts are visited in order, so the last, partial block of expert e may spill into rows of
+expert e+1: those rows are rewritten when e+1 is processed (and masked out of e's weight
+gradients). The backward pass is written by hand: weight gradients accumulate per expert in
+[D, F] registers and are written once, instead of an [E, D, F] cotangent per block.
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 
 
-def _block_forward(x, wg, wu, wd):
-    g, u = x @ wg, x @ wu
-    return jax.nn.silu(g) * u @ wd, g, u
+def _sizes(block: int, min_block: int) -> list[int]:
+    """Remainder block sizes: block/2, block/4, ..., min_block."""
+    sizes, size = [], block // 2
+    while size >= min_block:
+        sizes.append(size)
+        size //= 2
+    return sizes
 
 
-@jax.custom_vjp
-def grouped_ffn(x_blocks, block_expert, block_used, w_gate, w_up, w_down):
-    """x_blocks [NB, b, D], block_expert [NB] int, block_used [NB] bool, W [E, D, F] / [E, F, D] -> [NB, b, D]."""
-    return _forward(x_blocks, block_expert, block_used, w_gate, w_up, w_down)[0]
+def _walk_rows(start, count, block: int, min_block: int, visit, carry):
+    """Calls carry = visit(carry, row0, size, valid_rows) over [start, start + count) in blocks.
+
+    `size` is static; `valid_rows` (dynamic) is < size only for the final partial block.
+    """
+    full = count // block
+
+    def full_block(i, carry):
+        return visit(carry, start + i * block, block, block)
+
+    carry = jax.lax.fori_loop(0, full, full_block, carry)
+    offset, rest = start + full * block, count - full * block
+    for size in _sizes(block, min_block):
+        take = rest >= size
+        carry = jax.lax.cond(take, lambda c, o=offset, s=size: visit(c, o, s, s), lambda c: c, carry)
+        offset, rest = offset + jnp.where(take, size, 0), rest - jnp.where(take, size, 0)
+    return jax.lax.cond(rest > 0, lambda c: visit(c, offset, min_block, rest), lambda c: c, carry)
 
 
-def _forward(x_blocks, block_expert, block_used, w_gate, w_up, w_down):
+def _starts(counts):
+    return jnp.cumsum(counts) - counts
+
+
+def grouped_ffn(x, counts, w_gate, w_up, w_down, block: int = 128, min_block: int = 8):
+    """x [R, D] rows sorted by expert, counts [E] rows per expert -> SwiGLU_e(row) [R, D].
+
+    Rows past sum(counts) come out as zero when their inputs are zero (padding).
+    """
+    return _grouped_ffn(x, counts, w_gate, w_up, w_down, block, min(min_block, block))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _grouped_ffn(x, counts, w_gate, w_up, w_down, block, min_block):
+    return _forward(x, counts, w_gate, w_up, w_down, block, min_block)[0]
+
+
+def _forward(x, counts, w_gate, w_up, w_down, block, min_block):
+    rows, d = x.shape
     f = w_gate.shape[-1]
+    xp = jnp.concatenate([x, jnp.zeros((block, d), x.dtype)])  # blocks never run past the end
+    starts = _starts(counts)
 
-    def body(_, xs):
-        x, e, used = xs
-        zeros = (jnp.zeros((x.shape[0], w_down.shape[-1]), x.dtype), jnp.zeros((x.shape[0], f), x.dtype),
-                 jnp.zeros((x.shape[0], f), x.dtype))
-        out = jax.lax.cond(used, lambda: _block_forward(x, w_gate[e], w_up[e], w_down[e]), lambda: zeros)
-        return None, out
+    def expert(e, carry):
+        wg, wu, wd = w_gate[e], w_up[e], w_down[e]
 
-    _, (y, g, u) = jax.lax.scan(body, None, (x_blocks, block_expert, block_used))
-    return y, (x_blocks, block_expert, block_used, w_gate, w_up, w_down, g, u)
+        def visit(carry, row0, size, _):
+            y, g_all, u_all = carry
+            xb = jax.lax.dynamic_slice_in_dim(xp, row0, size)
+            g, u = xb @ wg, xb @ wu
+            y = jax.lax.dynamic_update_slice_in_dim(y, (jax.nn.silu(g) * u) @ wd, row0, 0)
+            g_all = jax.lax.dynamic_update_slice_in_dim(g_all, g, row0, 0)
+            u_all = jax.lax.dynamic_update_slice_in_dim(u_all, u, row0, 0)
+            return y, g_all, u_all
+
+        return _walk_rows(starts[e], counts[e], block, min_block, visit, carry)
+
+    zeros = (jnp.zeros((rows + block, d), x.dtype), jnp.zeros((rows + block, f), x.dtype),
+             jnp.zeros((rows + block, f), x.dtype))
+    y, g_all, u_all = jax.lax.fori_loop(0, w_gate.shape[0], expert, zeros)
+    return y[:rows], (xp, counts, w_gate, w_up, w_down, g_all, u_all)
 
 
-def _backward(residuals, dy_blocks):
-    x_blocks, block_expert, block_used, w_gate, w_up, w_down, g_pre, u_pre = residuals
+def _backward(block, min_block, residuals, dy):
+    xp, counts, w_gate, w_up, w_down, g_all, u_all = residuals
+    rows = dy.shape[0]
+    dyp = jnp.concatenate([dy, jnp.zeros((block, dy.shape[1]), dy.dtype)])
+    starts = _starts(counts)
 
-    def body(grads, xs):
-        x, e, used, dy, g, u = xs
+    def expert(e, carry):
+        dx, dwg_all, dwu_all, dwd_all = carry
+        wg, wu, wd = w_gate[e], w_up[e], w_down[e]
 
-        def step(grads):
-            dwg, dwu, dwd = grads
+        def visit(carry, row0, size, valid):
+            dx, dwg, dwu, dwd = carry
+            xb = jax.lax.dynamic_slice_in_dim(xp, row0, size)
+            g = jax.lax.dynamic_slice_in_dim(g_all, row0, size)
+            u = jax.lax.dynamic_slice_in_dim(u_all, row0, size)
+            mine = (jnp.arange(size) < valid)[:, None]  # rows of the next expert in a partial block
+            dyb = jnp.where(mine, jax.lax.dynamic_slice_in_dim(dyp, row0, size), 0)
             sig = jax.nn.sigmoid(g)
-            sg = g * sig
-            dh = dy @ w_down[e].T
-            dwd = dwd.at[e].add((sg * u).T @ dy)
-            dg = dh * u * sig * (1 + g * (1 - sig))
-            du = dh * sg
-            dwg, dwu = dwg.at[e].add(x.T @ dg), dwu.at[e].add(x.T @ du)
-            return (dwg, dwu, dwd), dg @ w_gate[e].T + du @ w_up[e].T
+            dh = dyb @ wd.T
+            dwd = dwd + (g * sig * u).T @ dyb
+            dg, du = dh * u * sig * (1 + g * (1 - sig)), dh * g * sig
+            dwg, dwu = dwg + xb.T @ dg, dwu + xb.T @ du
+            dx = jax.lax.dynamic_update_slice_in_dim(dx, dg @ wg.T + du @ wu.T, row0, 0)
+            return dx, dwg, dwu, dwd
 
-        return jax.lax.cond(used, step, lambda grads: (grads, jnp.zeros_like(x)), grads)
+        dx, dwg, dwu, dwd = _walk_rows(starts[e], counts[e], block, min_block, visit,
+                                       (dx, jnp.zeros_like(wg), jnp.zeros_like(wu), jnp.zeros_like(wd)))
+        return (dx, dwg_all.at[e].set(dwg), dwu_all.at[e].set(dwu), dwd_all.at[e].set(dwd))
 
-    zeros = (jnp.zeros_like(w_gate), jnp.zeros_like(w_up), jnp.zeros_like(w_down))
-    (dwg, dwu, dwd), dx = jax.lax.scan(body, zeros, (x_blocks, block_expert, block_used, dy_blocks, g_pre, u_pre))
-    return dx, None, None, dwg, dwu, dwd
+    init = (jnp.zeros_like(xp), jnp.zeros_like(w_gate), jnp.zeros_like(w_up), jnp.zeros_like(w_down))
+    dx, dwg, dwu, dwd = jax.lax.fori_loop(0, w_gate.shape[0], expert, init)
+    return dx[:rows], None, dwg, dwu, dwd
 
 
-grouped_ffn.defvjp(_forward, _backward)
+_grouped_ffn.defvjp(_forward, _backward)

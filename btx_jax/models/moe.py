@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from btx_jax.models import dispatch, router
@@ -31,8 +32,8 @@ class MoEConfig:
     expert_dropout: float = 0.0
     load_balance_weight: float = 0.01
     router_z_weight: float = 0.001
-    dropless_impl: str = "auto"
-    dropless_block: int = 64
+    grouped_impl: str = "auto"
+    grouped_block: int = 128
 
     @classmethod
     def from_config(cls, moe_config) -> "MoEConfig | None":
@@ -82,14 +83,15 @@ class MoE(nnx.Module):
                                jitter=cfg.router_jitter if train else 0.0, rng=jitter_rng)
         kwargs = dict(dtype=self.dtype)
         if cfg.dispatcher == "dropless":
-            kept = mask[..., None] & (routing.experts >= 0)
-            kwargs.update(impl=cfg.dropless_impl, block=cfg.dropless_block)
+            kept = jnp.broadcast_to(mask[..., None], routing.experts.shape)
         else:
             capacity = router.capacity(s, cfg.num_experts, cfg.top_k,
                                        cfg.train_capacity_factor if train else cfg.eval_capacity_factor)
             position = router.slot_positions(routing, cfg.num_experts, cfg.priority)
             kept = position < capacity
             kwargs.update(position=position, capacity=capacity)
+        if cfg.dispatcher in ("dropless", "alltoall"):
+            kwargs.update(impl=cfg.grouped_impl, block=cfg.grouped_block)
         if train and cfg.expert_dropout > 0.0:
             kwargs.update(dropout=cfg.expert_dropout, rng=dropout_rng)
         y = dispatch.DISPATCHERS[cfg.dispatcher](groups, routing, kept, self.experts.weights(), **kwargs)
