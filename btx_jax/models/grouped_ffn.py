@@ -70,8 +70,8 @@ def _forward(x, counts, w_gate, w_up, w_down, block, min_block):
     xp = jnp.concatenate([x, jnp.zeros((block, d), x.dtype)])  # blocks never run past the end
     starts = _starts(counts)
 
-    def expert(e, carry):
-        wg, wu, wd = w_gate[e], w_up[e], w_down[e]
+    def expert(carry, xs):
+        start, count, wg, wu, wd = xs
 
         def visit(carry, row0, size, _):
             y, g_all, u_all = carry
@@ -82,11 +82,11 @@ def _forward(x, counts, w_gate, w_up, w_down, block, min_block):
             u_all = jax.lax.dynamic_update_slice_in_dim(u_all, u, row0, 0)
             return y, g_all, u_all
 
-        return _walk_rows(starts[e], counts[e], block, min_block, visit, carry)
+        return _walk_rows(start, count, block, min_block, visit, carry), None
 
     zeros = (jnp.zeros((rows + block, d), x.dtype), jnp.zeros((rows + block, f), x.dtype),
              jnp.zeros((rows + block, f), x.dtype))
-    y, g_all, u_all = jax.lax.fori_loop(0, w_gate.shape[0], expert, zeros)
+    (y, g_all, u_all), _ = jax.lax.scan(expert, zeros, (starts, counts, w_gate, w_up, w_down))
     return y[:rows], (xp, counts, w_gate, w_up, w_down, g_all, u_all)
 
 
@@ -96,9 +96,8 @@ def _backward(block, min_block, residuals, dy):
     dyp = jnp.concatenate([dy, jnp.zeros((block, dy.shape[1]), dy.dtype)])
     starts = _starts(counts)
 
-    def expert(e, carry):
-        dx, dwg_all, dwu_all, dwd_all = carry
-        wg, wu, wd = w_gate[e], w_up[e], w_down[e]
+    def expert(dx, xs):
+        start, count, wg, wu, wd = xs
 
         def visit(carry, row0, size, valid):
             dx, dwg, dwu, dwd = carry
@@ -115,12 +114,11 @@ def _backward(block, min_block, residuals, dy):
             dx = jax.lax.dynamic_update_slice_in_dim(dx, dg @ wg.T + du @ wu.T, row0, 0)
             return dx, dwg, dwu, dwd
 
-        dx, dwg, dwu, dwd = _walk_rows(starts[e], counts[e], block, min_block, visit,
+        dx, dwg, dwu, dwd = _walk_rows(start, count, block, min_block, visit,
                                        (dx, jnp.zeros_like(wg), jnp.zeros_like(wu), jnp.zeros_like(wd)))
-        return (dx, dwg_all.at[e].set(dwg), dwu_all.at[e].set(dwu), dwd_all.at[e].set(dwd))
+        return dx, (dwg, dwu, dwd)
 
-    init = (jnp.zeros_like(xp), jnp.zeros_like(w_gate), jnp.zeros_like(w_up), jnp.zeros_like(w_down))
-    dx, dwg, dwu, dwd = jax.lax.fori_loop(0, w_gate.shape[0], expert, init)
+    dx, (dwg, dwu, dwd) = jax.lax.scan(expert, jnp.zeros_like(xp), (starts, counts, w_gate, w_up, w_down))
     return dx[:rows], None, dwg, dwu, dwd
 
 
