@@ -14,6 +14,7 @@ from ml_collections import ConfigDict
 
 # Sections whose keys are chosen by the user (domain names), not by the schema.
 _FREE_FORM = ("data.domains", "data.weights", "data.eval_domains")
+ROUTER_INITS = ("normal", "zeros", "centroid")
 
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots")
@@ -71,6 +72,22 @@ def base_config() -> ConfigDict:
         # alltoall: what TPU/GPU want) | auto (blocks on CPU, native elsewhere)
         grouped_impl="auto",
         grouped_block=128,     # rows per block for grouped_impl=blocks
+    ))
+    c.mix = ConfigDict(dict(   # the checkpoint surgeon (python -m btx_jax.mix); the target is model + moe above
+        experts="",            # comma-separated dense checkpoints (workdir, checkpoints/ or step dir): expert i <- source i
+        seed="",               # the seed checkpoint: for seed_expert, 'seed' rules, upcycling and the branch check
+        seed_expert=False,     # the seed's FFN becomes one more (the last) expert, as in the BTX paper
+        copies=False,          # fill moe.num_experts by cycling through the FFN sources (sparse upcycling)
+        copy_noise=0.0,        # std of noise added to every copy after the first, relative to the leaf's std
+        # Non-FFN params: ';'-separated 'regex=rule' on target paths (first match wins; unmatched: mean),
+        # or a tuple of (regex, rule) pairs. Rules: mean | weighted:w1,w2,... | seed | source:<i>
+        policy="",
+        router_init="normal",  # normal | zeros | centroid (each column = mean hidden state of its domain)
+        router_std=0.02,       # normal: the std; centroid: the norm of the mean column
+        domains="",            # centroid: each expert source's data domain, comma-separated (default: sorted data.domains)
+        centroid_batches=2,    # centroid: batches per domain (train split)
+        output="",             # the output directory; must not exist
+        noise_seed=0,
     ))
     c.mesh = ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))  # -1: the remaining devices
     c.data = ConfigDict(dict(

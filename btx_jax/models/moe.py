@@ -72,7 +72,9 @@ class MoE(nnx.Module):
         self.router = Weight((d_model, cfg.num_experts), ("embed", None), cfg.router_init_std, param_dtype, rngs)
         self.experts = Experts(cfg.num_experts, d_model, mlp_dim, std=std, dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, segment_ids, *, train: bool = False, rng: jax.Array | None = None):
+    def __call__(self, x, segment_ids, *, train: bool = False, rng: jax.Array | None = None, probe: bool = False):
+        """`probe` adds ``router_input_sum`` [D] and ``router_input_count`` (over non-padding tokens) to
+        the aux: the surgeon's centroid router initialisation reads the mean router input from them."""
         cfg = self.cfg
         b, t, d = x.shape
         s = min(cfg.group_size, t)
@@ -96,4 +98,8 @@ class MoE(nnx.Module):
             kwargs.update(dropout=cfg.expert_dropout, rng=dropout_rng)
         y = dispatch.DISPATCHERS[cfg.dispatcher](groups, routing, kept, self.experts.weights(), **kwargs)
         aux = router.router_losses(routing, cfg.num_experts) | router.router_metrics(routing, kept, cfg.num_experts)
+        if probe:
+            m = mask.astype(jnp.float32)
+            aux |= {"router_input_sum": jnp.einsum("gsd,gs->d", groups.astype(jnp.float32), m),
+                    "router_input_count": m.sum()}
         return y.reshape(b, t, d), aux

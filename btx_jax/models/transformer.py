@@ -151,11 +151,11 @@ class Block(nnx.Module):
         else:
             self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x, segment_ids, positions, *, train: bool = False, rng=None):
+    def __call__(self, x, segment_ids, positions, *, train: bool = False, rng=None, probe: bool = False):
         x = x + self.attn(self.attn_norm(x), segment_ids, positions)
         aux = {}
         if hasattr(self, "moe"):
-            y, aux = self.moe(self.mlp_norm(x), segment_ids, train=train, rng=rng)
+            y, aux = self.moe(self.mlp_norm(x), segment_ids, train=train, rng=rng, probe=probe)
         else:
             y = self.mlp(self.mlp_norm(x))
         return constrain(x + y, "batch", "length", "act_embed"), aux
@@ -196,15 +196,16 @@ class Transformer(nnx.Module):
             self.lm_head = Projection((cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
                                       std=cfg.init_std, cfg=cfg, rngs=rngs)
 
-    def __call__(self, tokens, segment_ids=None, positions=None, *, train: bool = False, rng=None):
-        """`train` selects the training capacity factor, router jitter and expert dropout (which need `rng`)."""
+    def __call__(self, tokens, segment_ids=None, positions=None, *, train: bool = False, rng=None, probe: bool = False):
+        """`train` selects the training capacity factor, router jitter and expert dropout (which need `rng`);
+        `probe` adds each MoE layer's router-input sums to the aux (see MoE)."""
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         x = constrain(self.embed(tokens), "batch", "length", "act_embed")
         rng = jax.random.key(0) if rng is None else rng
-        x, aux = self._apply_layers(x, segment_ids, positions, train, rng)
+        x, aux = self._apply_layers(x, segment_ids, positions, train, rng, probe)
         x = self.final_norm(x)
         if self.cfg.tie_embeddings:
             logits = self.embed.attend(x)
@@ -212,12 +213,12 @@ class Transformer(nnx.Module):
             logits = self.lm_head("btd,dv->btv", x)
         return constrain(logits.astype(jnp.float32), "batch", "length", "act_vocab"), aux
 
-    def _apply_layers(self, x, segment_ids, positions, train, rng):
+    def _apply_layers(self, x, segment_ids, positions, train, rng, probe):
         cfg = self.cfg
 
         def scan_blocks(x, blocks, keys, unroll):
             def apply_block(x, block, key):
-                return block(x, segment_ids, positions, train=train, rng=key)
+                return block(x, segment_ids, positions, train=train, rng=key, probe=probe)
 
             if cfg.remat != "none":
                 apply_block = nnx.remat(apply_block, policy=_REMAT_POLICIES[cfg.remat])
@@ -232,7 +233,7 @@ class Transformer(nnx.Module):
 
         def apply_group(x, moe_block, dense_blocks, key):
             x, _ = scan_blocks(x, dense_blocks, jax.random.split(key, cfg.moe.moe_every - 1), 1)
-            return moe_block(x, segment_ids, positions, train=train, rng=key)
+            return moe_block(x, segment_ids, positions, train=train, rng=key, probe=probe)
 
         scan = nnx.scan(apply_group, in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0),
                         transform_metadata={nnx.PARTITION_NAME: "layers"})
