@@ -301,3 +301,224 @@ def merge_leaf(plan: LeafPlan, by_label: dict[str, Source], every: int, noise_rn
         value = select_layers(read_leaf(by_label[label], plan.source_path), plan.target, every).astype(np.float32)
         total = value * weight if total is None else total + value * weight
     return total.astype(dtype)
+
+
+# ------------------------------------------------------------------------------------ routers
+
+def initial_router(plan: LeafPlan, mix, rng) -> np.ndarray:
+    if mix.router_init == "normal":
+        return rng.normal(0.0, mix.router_std, plan.shape).astype(plan.dtype)
+    return np.zeros(plan.shape, plan.dtype)  # zeros (uniform routing); also the start of centroid init
+
+
+def centroid_router(config, setup, params: dict, ffn_labels: list[str], num_sources: int, out=print) -> np.ndarray:
+    """Router [L_moe, D, E] whose column e, at each layer, is the mean router input of expert e's domain.
+
+    Layers are set in order: the hidden states at layer l come from the merged model whose
+    routers below l are already the centroids (the routers from l on are zero). Columns are
+    centred (a shared component does not change the softmax) and scaled so that their mean
+    norm is router_std * sqrt(D), the norm a normal(router_std) column has.
+    """
+    from btx_jax.data import pipeline
+
+    domains = _paths(config.mix.domains) or sorted(config.data.domains.keys())
+    if len(domains) != num_sources:
+        raise MixError(f"config.mix.domains: centroid init needs the data domain of each of the {num_sources} expert "
+                       f"sources, got {domains}\n  fix: --config.mix.domains=<domain of expert0>,<domain of expert1>,...")
+    unknown = [d for d in domains if d not in config.data.domains]
+    if unknown:
+        raise MixError(f"config.mix.domains: {unknown} are not in config.data.domains ({sorted(config.data.domains)})")
+    sources = pipeline.open_sources(config.data, "train", names=sorted(set(domains)))
+    batches = {d: pipeline.eval_batches(config.data, sources[d], i, config.mix.centroid_batches)
+               for i, d in enumerate(sorted(set(domains)))}
+    shardings = steps.batch_shardings(setup.mesh)
+    probe = steps._under_mesh(jax.jit(lambda p, b: steps.forward(setup.graphdef, p, b, probe=True)[1]), setup.mesh)
+    router_leaf = params["layers"]["moe"]["router"]["kernel"]
+    layers, d_model, _ = router_leaf.shape
+    router = np.zeros(router_leaf.shape, np.float32)
+    for layer in range(layers):
+        params["layers"]["moe"]["router"]["kernel"] = jax.device_put(router.astype(router_leaf.dtype), router_leaf.sharding)
+        means = {}
+        for domain, domain_batches in batches.items():
+            total, count = np.zeros(d_model), 0.0
+            for batch in domain_batches:
+                aux = jax.device_get(probe(params, steps.to_global(batch, shardings)))
+                total, count = total + aux["router_input_sum"][layer], count + float(aux["router_input_count"][layer])
+            means[domain] = total / max(count, 1.0)
+        domain_of = {f"expert{i}": d for i, d in enumerate(domains)}
+        columns = np.stack([means[domain_of[label]] if label in domain_of else np.mean(list(means.values()), axis=0)
+                            for label in ffn_labels], axis=1)
+        columns -= columns.mean(axis=1, keepdims=True)
+        norm = np.linalg.norm(columns, axis=0).mean()
+        router[layer] = columns * (config.mix.router_std * np.sqrt(d_model) / max(norm, 1e-12))
+        out(f"[mix] centroid router, layer {layer}: column norms {np.round(np.linalg.norm(router[layer], axis=0), 3)}")
+    params["layers"]["moe"]["router"]["kernel"] = jax.device_put(router.astype(router_leaf.dtype), router_leaf.sharding)
+    return router.astype(router_leaf.dtype)
+
+
+# ------------------------------------------------------------------------------------ writing
+
+def _nested(path: str, value) -> dict:
+    root = node = {}
+    keys = ["params", *path.split("/")]
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+    node[keys[-1]] = value
+    return root
+
+
+def _leaf(tree: dict, path: str):
+    for k in path.split("/"):
+        tree = tree[k]
+    return tree
+
+
+def to_target(value: np.ndarray, abstract) -> jax.Array:
+    """Host array -> a jax.Array with the target sharding (each device receives only its slice)."""
+    return jax.make_array_from_callback(value.shape, abstract.sharding, lambda index: value[index])
+
+
+def print_plan(plans: list[LeafPlan], out=print) -> None:
+    out(f"{'target leaf':<40} {'rule':<16} {'shape':<26} {'dtype':<9} {'MB':>9}  sources")
+    for p in plans:
+        sources = ",".join(p.sources) if p.kind != "router" else "-"
+        if p.weights and len(set(p.weights)) > 1:
+            sources = ",".join(f"{s}*{w:.3g}" for s, w in zip(p.sources, p.weights))
+        out(f"{p.target:<40} {p.rule:<16} {str(p.shape):<26} {p.dtype:<9} {p.nbytes / 1e6:>9.2f}  {sources}")
+    out(f"{len(plans)} leaves, {sum(p.nbytes for p in plans) / 1e9:.3f} GB")
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KB on Linux
+
+
+def run(config, dry_run: bool = False, out=print) -> dict:
+    """Validates everything, then streams the merge into config.mix.output; returns the manifest."""
+    from orbax.checkpoint.experimental.v1 import partial as partial_save
+    from tqdm import tqdm
+
+    config_lib.validate(config)
+    mix = config.mix
+    if not config.moe.num_experts:
+        raise MixError("config.moe.num_experts is 0: the target must be an MoE model\n"
+                       "  fix: set moe.num_experts (= the number of FFN sources) in the mix config")
+    if mix.router_init not in config_lib.ROUTER_INITS:
+        raise MixError(f"config.mix.router_init: unknown {mix.router_init!r}\n  fix: use one of {config_lib.ROUTER_INITS}")
+    output = os.path.abspath(os.path.expanduser(mix.output)) if mix.output else ""
+    if not output and not dry_run:
+        raise MixError("config.mix.output is empty\n  fix: --config.mix.output=<new directory>")
+    if output and os.path.exists(output) and not dry_run:
+        raise MixError(f"output {output} already exists\n  fix: remove it or choose another config.mix.output")
+    experts = [open_source(f"expert{i}", p) for i, p in enumerate(_paths(mix.experts))]
+    seed = open_source("seed", mix.seed) if mix.seed else None
+    by_label = {s.label: s for s in experts + ([seed] if seed else [])}
+    if mix.seed_expert and seed is None:
+        raise MixError("config.mix.seed_expert is true but config.mix.seed is empty\n  fix: give the seed checkpoint")
+    check_same_architecture(list(by_label.values()))
+    mesh = sharding.make_mesh(config.mesh)
+    sharding.check_divisible(config, mesh)
+    setup = make_setup(config, mesh)
+    plans = make_plan(config, experts, seed, setup.abstract_params)
+    if dry_run:
+        print_plan(plans, out)
+        return {}
+    distances = branch_check(plans, by_label, warn=out)
+
+    parent, name = os.path.split(output)
+    os.makedirs(parent, exist_ok=True)
+    scratch = os.path.join(parent, f".{name}.incomplete")  # never looks like a checkpoint; renamed when done
+    if os.path.exists(scratch):
+        out(f"[mix] removing {scratch} left by an interrupted run")
+        shutil.rmtree(scratch)
+    os.makedirs(scratch)
+    tmp = os.path.join(scratch, "checkpoint")  # orbax's partial-save session lives next to it until finalize
+    rng = np.random.default_rng(mix.noise_seed)
+    ffn_labels = next(p.sources for p in plans if p.kind == "stack")
+    keep = {} if mix.router_init == "centroid" else None  # centroid init runs the merged model
+    total = sum(p.nbytes for p in plans)
+    start, read_bytes = time.perf_counter(), 0
+    out(f"[mix] {len(experts)} experts{' + seed' if seed else ''} -> {config.moe.num_experts}-expert MoE "
+        f"({', '.join(ffn_labels)}), {total / 1e9:.3f} GB, router {mix.router_init}")
+    try:
+        with tqdm(total=total, unit="B", unit_scale=True, desc="[mix]", mininterval=1.0, file=sys.stdout) as bar:
+            for plan in plans:
+                if plan.kind == "router":
+                    value = initial_router(plan, mix, rng)
+                else:
+                    value = merge_leaf(plan, by_label, config.moe.moe_every, rng, mix.copy_noise)
+                    read_bytes += sum(int(np.prod(by_label[s].params[plan.source_path][0]))
+                                      * np.dtype(by_label[s].params[plan.source_path][1]).itemsize
+                                      for s in set(plan.sources))
+                array = to_target(value, _leaf(setup.abstract_params, plan.target))
+                del value
+                if keep is not None:
+                    keep[plan.target] = array
+                if not (keep is not None and plan.kind == "router"):
+                    partial_save.save(tmp, _nested(plan.target, array))
+                del array
+                bar.update(plan.nbytes)
+        if keep is not None:
+            params = {}
+            for path, array in keep.items():
+                node = params
+                for k in path.split("/")[:-1]:
+                    node = node.setdefault(k, {})
+                node[path.split("/")[-1]] = array
+            router = centroid_router(config, setup, params, ffn_labels, len(experts), out)
+            del params, keep
+            partial_save.save(tmp, _nested(_ROUTER, to_target(router, _leaf(setup.abstract_params, _ROUTER))))
+        partial_save.finalize(tmp)
+        seconds = time.perf_counter() - start
+        manifest = {
+            "format": "btx_jax.mix/1", "btx_jax_version": btx_jax.__version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "experts": [{"label": s.label, "path": s.path, "step": s.step} for s in experts],
+            "seed": {"path": seed.path, "step": seed.step} if seed else None,
+            "expert_sources": ffn_labels, "num_experts": config.moe.num_experts, "moe_every": config.moe.moe_every,
+            "seed_expert": bool(mix.seed_expert), "copies": bool(mix.copies), "copy_noise": mix.copy_noise,
+            "policy": [list(p) for p in parse_policy(mix.policy)], "router_init": mix.router_init,
+            "router_std": mix.router_std, "branch_distances": distances,
+            "leaves": {p.target: {"rule": p.rule, "sources": p.sources, "weights": p.weights, "shape": list(p.shape),
+                                  "dtype": p.dtype} for p in plans},
+            "bytes_written": total, "bytes_read": read_bytes, "seconds": round(seconds, 3),
+            "model": config.model.to_dict(), "moe": config.moe.to_dict(),
+        }
+        with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=1)
+        os.rename(tmp, output)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    shutil.rmtree(scratch, ignore_errors=True)
+    out(f"[mix] wrote {output}: {total / 1e9:.3f} GB in {seconds:.1f} s ({total / seconds / 1e6:.0f} MB/s written, "
+        f"{read_bytes / 1e9:.3f} GB read), peak RSS {_peak_rss_gb():.2f} GB\n"
+        f"[mix] finetune it: python -m btx_jax.train --config <moe config> --config.train.init_from={output}")
+    return manifest
+
+
+def _define_flags():
+    global _CONFIG, _DRY_RUN
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "Mix config, e.g. configs/mix_demo.py.", lock_config=True)
+    _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the plan (each target leaf, its sources, rule, shape, bytes) "
+                                 "and exit without writing.")
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    try:
+        run(_CONFIG.value, dry_run=_DRY_RUN.value)
+    except (MixError, config_lib.ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        print(f"error: writing the merged checkpoint failed: {e}\n  nothing was written at config.mix.output; "
+              "fix the cause (e.g. free disk space) and rerun", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    sys.argv = ["--dry_run" if a == "--dry-run" else a for a in sys.argv]
+    _define_flags()
+    flags.mark_flags_as_required(["config"])
+    app.run(main)
