@@ -11,8 +11,8 @@ one MoE checkpoint that ``btx_jax.train --config.train.init_from=<output>`` fine
 - the router is new: normal(std), zeros, or centroid (each expert's column is the mean hidden
   state, at that layer, of its own domain's tokens under the merged model).
 
-It streams: one target leaf at a time is read from each source (partial restore), merged
-and written with its target sharding, so host memory is bounded by the largest merged leaf
+It streams: one target leaf at a time is read from each source (partial restore), merged on
+the host and written (Orbax partial save), so host memory is bounded by the largest merged leaf
 (centroid init also needs the merged model for its forward passes). Everything is checked
 before anything is written; the output is written under a temporary name and renamed into
 place only when complete, with ``manifest.json``.
@@ -32,6 +32,7 @@ import time
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import psutil
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -374,7 +375,11 @@ def _leaf(tree: dict, path: str):
 
 
 def to_target(value: np.ndarray, abstract) -> jax.Array:
-    """Host array -> a jax.Array with the target sharding (each device receives only its slice)."""
+    """Host array -> a jax.Array with the target sharding (each device receives only its slice).
+
+    Leaves are written to disk from the host array itself: on a CPU mesh every replica of a
+    replicated leaf would be another copy in host memory, and the finetuning run reshards on
+    load anyway (``checkpoint.load_params`` restores onto the run's own shardings)."""
     return jax.make_array_from_callback(value.shape, abstract.sharding, lambda index: value[index])
 
 
@@ -389,11 +394,21 @@ def print_plan(plans: list[LeafPlan], out=print) -> None:
 
 
 def _peak_rss_gb() -> float:
+    """This process's peak resident memory. /proc's VmHWM, because ru_maxrss carries over the
+    parent's peak across fork + exec (a child of a big process would report the parent's)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KB on Linux
 
 
 def run(config, dry_run: bool = False, out=print) -> dict:
     """Validates everything, then streams the merge into config.mix.output; returns the manifest."""
+    from orbax.checkpoint import v1 as ocp_v1
     from orbax.checkpoint.experimental.v1 import partial as partial_save
     from tqdm import tqdm
 
@@ -436,38 +451,41 @@ def run(config, dry_run: bool = False, out=print) -> dict:
     ffn_labels = next(p.sources for p in plans if p.kind == "stack")
     keep = {} if mix.router_init == "centroid" else None  # centroid init runs the merged model
     total = sum(p.nbytes for p in plans)
+    rss_before = psutil.Process().memory_info().rss
     start, read_bytes = time.perf_counter(), 0
     out(f"[mix] {len(experts)} experts{' + seed' if seed else ''} -> {config.moe.num_experts}-expert MoE "
         f"({', '.join(ffn_labels)}), {total / 1e9:.3f} GB, router {mix.router_init}")
+    # Uncompressed: weights barely compress, and zstd would cost time and a transient copy per leaf.
+    context = ocp_v1.Context()
+    context.array.saving.use_compression = False
     try:
-        with tqdm(total=total, unit="B", unit_scale=True, desc="[mix]", mininterval=1.0, file=sys.stdout) as bar:
-            for plan in plans:
-                if plan.kind == "router":
-                    value = initial_router(plan, mix, rng)
-                else:
-                    value = merge_leaf(plan, by_label, config.moe.moe_every, rng, mix.copy_noise)
-                    read_bytes += sum(int(np.prod(by_label[s].params[plan.source_path][0]))
-                                      * np.dtype(by_label[s].params[plan.source_path][1]).itemsize
-                                      for s in set(plan.sources))
-                array = to_target(value, _leaf(setup.abstract_params, plan.target))
-                del value
-                if keep is not None:
-                    keep[plan.target] = array
-                if not (keep is not None and plan.kind == "router"):
-                    partial_save.save(tmp, _nested(plan.target, array))
-                del array
-                bar.update(plan.nbytes)
-        if keep is not None:
-            params = {}
-            for path, array in keep.items():
-                node = params
-                for k in path.split("/")[:-1]:
-                    node = node.setdefault(k, {})
-                node[path.split("/")[-1]] = array
-            router = centroid_router(config, setup, params, ffn_labels, len(experts), out)
-            del params, keep
-            partial_save.save(tmp, _nested(_ROUTER, to_target(router, _leaf(setup.abstract_params, _ROUTER))))
-        partial_save.finalize(tmp)
+        with context:
+            with tqdm(total=total, unit="B", unit_scale=True, desc="[mix]", mininterval=1.0, file=sys.stdout) as bar:
+                for plan in plans:
+                    if plan.kind == "router":
+                        value = initial_router(plan, mix, rng)
+                    else:
+                        value = merge_leaf(plan, by_label, config.moe.moe_every, rng, mix.copy_noise)
+                        read_bytes += sum(int(np.prod(by_label[s].params[plan.source_path][0]))
+                                          * np.dtype(by_label[s].params[plan.source_path][1]).itemsize
+                                          for s in set(plan.sources))
+                    if keep is not None:  # centroid init runs the merged model: keep it on the devices
+                        keep[plan.target] = to_target(value, _leaf(setup.abstract_params, plan.target))
+                    if not (keep is not None and plan.kind == "router"):
+                        partial_save.save(tmp, _nested(plan.target, value))
+                    del value
+                    bar.update(plan.nbytes)
+            if keep is not None:
+                params = {}
+                for path, array in keep.items():
+                    node = params
+                    for k in path.split("/")[:-1]:
+                        node = node.setdefault(k, {})
+                    node[path.split("/")[-1]] = array
+                router = centroid_router(config, setup, params, ffn_labels, len(experts), out)
+                del params, keep
+                partial_save.save(tmp, _nested(_ROUTER, router))
+            partial_save.finalize(tmp)
         seconds = time.perf_counter() - start
         manifest = {
             "format": "btx_jax.mix/1", "btx_jax_version": btx_jax.__version__,
@@ -481,6 +499,8 @@ def run(config, dry_run: bool = False, out=print) -> dict:
             "leaves": {p.target: {"rule": p.rule, "sources": p.sources, "weights": p.weights, "shape": list(p.shape),
                                   "dtype": p.dtype} for p in plans},
             "bytes_written": total, "bytes_read": read_bytes, "seconds": round(seconds, 3),
+            "largest_leaf_bytes": max(p.nbytes for p in plans), "rss_before_merge_bytes": rss_before,
+            "peak_rss_bytes": int(_peak_rss_gb() * 1e9),
             "model": config.model.to_dict(), "moe": config.moe.to_dict(),
         }
         with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
@@ -491,7 +511,8 @@ def run(config, dry_run: bool = False, out=print) -> dict:
         raise
     shutil.rmtree(scratch, ignore_errors=True)
     out(f"[mix] wrote {output}: {total / 1e9:.3f} GB in {seconds:.1f} s ({total / seconds / 1e6:.0f} MB/s written, "
-        f"{read_bytes / 1e9:.3f} GB read), peak RSS {_peak_rss_gb():.2f} GB\n"
+        f"{read_bytes / 1e9:.3f} GB read), peak RSS {_peak_rss_gb():.2f} GB ({rss_before / 1e9:.2f} GB before merging; "
+        f"largest leaf {max(p.nbytes for p in plans) / 1e9:.3f} GB)\n"
         f"[mix] finetune it: python -m btx_jax.train --config <moe config> --config.train.init_from={output}")
     return manifest
 

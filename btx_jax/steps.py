@@ -22,10 +22,10 @@ def lm_loss(logits, batch, z_loss: float = 0.0):
     return ce + zl, {"loss": ce, "z_loss": zl}
 
 
-def forward(graphdef, params, batch, *, train: bool = False, rng=None):
+def forward(graphdef, params, batch, *, train: bool = False, rng=None, probe: bool = False):
     """-> (logits, per-layer MoE aux: {name: [L_moe, ...]}, empty for a dense model)."""
     model = nnx.merge(graphdef, params)
-    return model(batch["inputs"], batch["segment_ids"], batch["positions"], train=train, rng=rng)
+    return model(batch["inputs"], batch["segment_ids"], batch["positions"], train=train, rng=rng, probe=probe)
 
 
 def moe_loss(aux: dict, moe_config) -> tuple[jax.Array, dict]:
