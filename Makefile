@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench bench-moe bench-mix clean
 
 $(STAMP): setup.py
 	@bash scripts/make_venv.sh $(VENV)
@@ -22,6 +22,12 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/train_step.py
+
+bench-moe: $(STAMP)
+	$(PY) bench/moe_layer.py
+
+bench-mix: $(STAMP)
+	$(PY) bench/mix.py
 
 clean:
 	rm -rf $(VENV) runs data

@@ -106,9 +106,10 @@ def test_upcycling_copies_with_noise(sources, tmp_path):
     np.testing.assert_array_equal(got["layers"]["attn"]["q"]["kernel"], seed["layers"]["attn"]["q"]["kernel"])
 
 
-@pytest.mark.parametrize("router_init", ["normal", "zeros", "centroid"])
-def test_identical_copies_reproduce_dense_logits(router_init, tmp_path, demo_data_dir):
-    """An MoE made of N copies of one dense model equals the dense model, whatever the router."""
+@pytest.mark.parametrize("router_init,every", [("normal", 1), ("zeros", 1), ("centroid", 1), ("normal", 2)])
+def test_identical_copies_reproduce_dense_logits(router_init, every, tmp_path, demo_data_dir):
+    """An MoE made of N copies of one dense model equals the dense model, whatever the router
+    (and with moe_every=2, where the other layers stay dense)."""
     config = tiny_config()
     config.data.data_dir = demo_data_dir
     dense = dense_params(config, seed=3)
@@ -117,7 +118,7 @@ def test_identical_copies_reproduce_dense_logits(router_init, tmp_path, demo_dat
     moe_config = mix_config(tmp_path, tmp_path / "out", seed="", seed_expert=False, router_init=router_init,
                             domains="code,math,prose")
     moe_config.data.data_dir = demo_data_dir
-    moe_config.moe.num_experts = 3
+    moe_config.moe.update(num_experts=3, moe_every=every)
     mix.run(moe_config)
     merged = load_merged(moe_config, tmp_path / "out")
     router = merged["layers"]["moe"]["router"]["kernel"]
