@@ -89,6 +89,19 @@ def base_config() -> ConfigDict:
         output="",             # the output directory; must not exist
         noise_seed=0,
     ))
+    c.recipe = ConfigDict(dict(  # the whole BTX pipeline (python -m btx_jax.recipe)
+        seed_steps=200,        # dense seed on the domain mixture
+        branch_steps=100,      # each domain expert, from the seed, on its domain only
+        finetune_steps=100,    # the MoE on the mixture, from the surgeon's output
+        branch_lr=1e-3, branch_warmup=10,
+        finetune_lr=1e-3, finetune_warmup=10,
+        # comma-separated; all run by default. Baselines: dense (the seed trained on for BTX's compute),
+        # btm (ensemble and averages of the branches), upcycle (MoE of seed copies, BTX's compute).
+        baselines="dense,btm,upcycle",
+        # BTX variants, each a finetune: top1, no_load_balance, random_router (normal init instead of centroid)
+        variants="top1,no_load_balance,random_router",
+        parallel_branches=False,  # train the branches as parallel processes (one per domain)
+    ))
     c.mesh = ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))  # -1: the remaining devices
     c.data = ConfigDict(dict(
         data_dir="data/tfds",  # where TFDS datasets are built / read (ArrayRecord)

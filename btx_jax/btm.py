@@ -1,0 +1,90 @@
+"""Branch-Train-Merge baselines: the dense domain experts as a posterior-weighted ensemble, or averaged.
+
+Ensemble (BTM): the next-token distribution is sum_j P(j | context) p_j(x_t | x_<t), where the
+domain posterior follows Bayes' rule over the tokens of the same document seen so far,
+P(j | x_<t) ∝ P(j) prod_{s<t} p_j(x_s | x_<s), and the prior P(j) is an exponential moving
+average of the posteriors at the end of the held-out documents evaluated before.
+
+Everything here works on per-token log-probabilities, so it is plain numpy and can be checked
+by hand; `token_logprobs` gets them from any model.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from btx_jax import steps
+
+
+def token_logprobs(graphdef, mesh):
+    """A jitted (params, batch) -> log p(target) [B, T] for a model."""
+    def fn(params, batch):
+        logits, _ = steps.forward(graphdef, params, batch)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+    return steps._under_mesh(jax.jit(fn), mesh)
+
+
+def context_log_likelihood(logp: np.ndarray, segment_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """sum of log p_j over the earlier targets of the same document: [J, B, T] (exclusive prefix sums)."""
+    masked = np.where(mask[None] > 0, logp, 0.0).astype(np.float64)
+    total = np.cumsum(masked, axis=-1)
+    before = total - masked  # exclusive
+    # restart at every document boundary: subtract the running total at the document's first position
+    starts = np.concatenate([np.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    index = np.maximum.accumulate(np.where(starts, np.arange(segment_ids.shape[1])[None], 0), axis=1)
+    offset = np.take_along_axis(before, np.broadcast_to(index[None], before.shape), axis=-1)
+    return before - offset
+
+
+def log_posterior(logp, segment_ids, mask, log_prior) -> np.ndarray:
+    """log P(j | context) for every target position [J, B, T]."""
+    scores = context_log_likelihood(logp, segment_ids, mask) + np.asarray(log_prior, np.float64)[:, None, None]
+    return scores - np.logaddexp.reduce(scores, axis=0, keepdims=True)
+
+
+def ensemble_logprob(logp, log_post) -> np.ndarray:
+    """log sum_j P(j | context) p_j(target) [B, T]."""
+    return np.logaddexp.reduce(log_post + logp, axis=0)
+
+
+class PosteriorEnsemble:
+    """Runs the BTM ensemble over batches, updating the prior after each one."""
+
+    def __init__(self, num_experts: int, prior_momentum: float = 0.9):
+        self.log_prior = np.full(num_experts, -np.log(num_experts))
+        self.momentum = prior_momentum
+
+    def __call__(self, logp: np.ndarray, batch: dict) -> np.ndarray:
+        """logp [J, B, T] of each expert -> the ensemble's log-prob [B, T]; then the prior moves."""
+        seg, mask = np.asarray(batch["segment_ids"]), np.asarray(batch["loss_mask"])
+        post = log_posterior(logp, seg, mask, self.log_prior)
+        out = ensemble_logprob(logp, post)
+        self.update_prior(logp, seg, mask)
+        return out
+
+    def update_prior(self, logp, seg, mask) -> None:
+        """EMA of the posterior after each whole document of the batch."""
+        full = log_posterior(logp, seg, mask, self.log_prior)
+        last = mask > 0
+        ends = last & np.concatenate([seg[:, 1:] != seg[:, :-1], np.ones_like(seg[:, :1], bool)], axis=1)
+        if not ends.any():
+            return
+        # posterior including the document's last target: add it to the context of the last position
+        final = full + np.where(mask[None] > 0, logp, 0.0)
+        final = final - np.logaddexp.reduce(final, axis=0, keepdims=True)
+        mean = np.exp(final[:, ends]).mean(axis=1)
+        prior = self.momentum * np.exp(self.log_prior) + (1 - self.momentum) * mean
+        self.log_prior = np.log(prior / prior.sum())
+
+    @property
+    def prior(self) -> np.ndarray:
+        return np.exp(self.log_prior)
+
+
+def average_params(params: list[dict], weights=None) -> dict:
+    """Parameter average of dense models of one architecture (uniform, or with the given weights)."""
+    weights = np.full(len(params), 1.0 / len(params)) if weights is None else np.asarray(weights) / np.sum(weights)
+    return jax.tree.map(lambda *leaves: sum(w * np.asarray(leaf, np.float32) for w, leaf in zip(weights, leaves))
+                        .astype(leaves[0].dtype), *params)

@@ -1,0 +1,136 @@
+"""The recipe's report: perplexity table (markdown, CSV, JSON) and plots (PNG, also in TensorBoard)."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+
+from btx_jax.metrics import read_metrics
+
+
+def _table(results: dict) -> tuple[list[str], list[list[str]]]:
+    domains, train_domains = results["domains"], results["train_domains"]
+    header = ["model", *domains, f"avg ({len(train_domains)} train domains)", "train FLOPs", "train tokens"]
+    best = {d: min(r["ppl"][d] for r in results["models"]) for d in domains}
+    best_avg = min(r["avg_ppl"] for r in results["models"])
+    rows = []
+    for r in results["models"]:
+        cells = [r["model"]]
+        cells += [f"**{r['ppl'][d]:.3f}**" if r["ppl"][d] == best[d] else f"{r['ppl'][d]:.3f}" for d in domains]
+        cells.append(f"**{r['avg_ppl']:.3f}**" if r["avg_ppl"] == best_avg else f"{r['avg_ppl']:.3f}")
+        cells += [f"{r['flops']:.3g}", f"{r['tokens']:,}"]
+        rows.append(cells)
+    return header, rows
+
+
+def markdown(results: dict) -> str:
+    header, rows = _table(results)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    extra = [d for d in results["domains"] if d not in results["train_domains"]]
+    note = (f"\nHeld-out perplexity per domain (lower is better; best per column in bold). "
+            f"{'Out-of-domain (never trained on): ' + ', '.join(extra) + '. ' if extra else ''}"
+            "Compute: training FLOPs of every stage the model needed (6 x active params x tokens + attention); "
+            "the dense and upcycling baselines were given BTX's compute after the seed; BTM uses the seed and "
+            "branches only (no finetuning).\n")
+    return "\n".join(lines) + "\n" + note
+
+
+def _save(fig, path, images: dict):
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    fig.canvas.draw()
+    images[os.path.splitext(os.path.basename(path))[0]] = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+
+
+def plots(report_dir: str, results: dict, workdir: str) -> dict:
+    """PNG files; returns {name: RGB array} for TensorBoard."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images = {}
+    # loss curves of every training stage
+    stages = [s for s, r in results["stages"].items() if r.get("steps")]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for stage in stages:
+        path = os.path.join(workdir, stage, "metrics.jsonl")
+        if os.path.exists(path):
+            curve = [(m["step"], m["loss"]) for m in read_metrics(os.path.join(workdir, stage)) if "loss" in m]
+            ax.plot(*zip(*curve), label=stage)
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss (nats/token)")
+    ax.legend(fontsize=7)
+    ax.set_title("loss per stage")
+    _save(fig, os.path.join(report_dir, "loss_curves.png"), images)
+
+    # routing: domain x expert per MoE layer
+    routing = results.get("routing") or {}
+    if routing:
+        domains = list(routing)
+        usage = np.array([routing[d] for d in domains])  # [domains, L, E]
+        layers, experts = usage.shape[1], usage.shape[2]
+        fig, axes = plt.subplots(1, layers, figsize=(2.2 + 1.6 * layers * experts / 4, 0.6 + 0.45 * len(domains)),
+                                 squeeze=False)
+        for layer, ax in enumerate(axes[0]):
+            im = ax.imshow(usage[:, layer], cmap="viridis", vmin=0, vmax=max(usage.max(), 1e-6), aspect="auto")
+            ax.set_title(f"layer {layer}", fontsize=9)
+            ax.set_xticks(range(experts))
+            ax.set_xlabel("expert")
+            ax.set_yticks(range(len(domains)))
+            ax.set_yticklabels(domains if layer == 0 else [], fontsize=8)
+        fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="fraction of the domain's routed tokens")
+        fig.suptitle("BTX routing: domain x expert", fontsize=10)
+        fig.savefig(os.path.join(report_dir, "routing.png"), dpi=90)
+        fig.canvas.draw()
+        images["routing"] = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+        plt.close(fig)
+
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        overall = usage.mean(axis=0)  # [L, E]
+        width = 0.8 / layers
+        for layer in range(layers):
+            ax.bar(np.arange(experts) + layer * width, overall[layer], width, label=f"layer {layer}")
+        ax.axhline(1.0 / experts, color="gray", linestyle="--", linewidth=1, label="uniform")
+        ax.set_xlabel("expert")
+        ax.set_ylabel("fraction of routed tokens")
+        ax.legend(fontsize=7)
+        ax.set_title("BTX expert usage (all eval domains)")
+        _save(fig, os.path.join(report_dir, "expert_usage.png"), images)
+
+    # perplexity vs compute
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for r in results["models"]:
+        ax.scatter(r["flops"] / 1e15, r["avg_ppl"])
+        ax.annotate(r["model"], (r["flops"] / 1e15, r["avg_ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("training compute (PFLOP)")
+    ax.set_ylabel("average held-out perplexity (train domains)")
+    ax.set_title("perplexity vs compute")
+    _save(fig, os.path.join(report_dir, "ppl_vs_compute.png"), images)
+    return images
+
+
+def write(report_dir: str, results: dict, workdir: str, out=print) -> None:
+    os.makedirs(report_dir, exist_ok=True)
+    with open(os.path.join(report_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    header, rows = _table(results)
+    with open(os.path.join(report_dir, "results.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows([[c.strip("*") for c in row] for row in rows])
+    table = markdown(results)
+    with open(os.path.join(report_dir, "results.md"), "w") as f:
+        f.write("# BTX results\n\n" + table)
+    images = plots(report_dir, results, workdir)
+    from tensorboardX import SummaryWriter
+    tb = SummaryWriter(os.path.join(report_dir, "tensorboard"))
+    tb.add_text("results", table)
+    for name, image in images.items():
+        tb.add_image(f"report/{name}", image, 0, dataformats="HWC")
+    tb.close()
+    out(f"[recipe] report: {report_dir}\n" + table)

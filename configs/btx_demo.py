@@ -1,0 +1,26 @@
+"""The BTX demo: seed -> code / math / prose experts -> 4-expert MoE -> finetune, with baselines.
+
+  python -m btx_jax.recipe --config configs/btx_demo.py --workdir runs/btx
+
+Model: the demo seed's shape (configs/demo_dense.py); the MoE has the three domain experts
+plus the seed's FFN (top-2, centroid router). Baselines and variants, all run by default:
+compute-matched dense, BTM (ensemble, averages), sparse upcycling, top-1, no load balancing,
+random router. Variant ``:tiny`` runs every stage in about a minute (used by the tests).
+"""
+import os
+
+from btx_jax.config import load_config
+
+
+def get_config(variant: str | None = None):
+    here = os.path.dirname(os.path.abspath(__file__))
+    c = load_config(os.path.join(here, "demo_moe.py") + (f":{variant}" if variant else ""))
+    c.moe.update(num_experts=4, top_k=2)
+    c.mix.update(seed_expert=True, router_init="centroid", policy="", centroid_batches=2)
+    c.train.update(log_every=25, eval_batches=4, checkpoint_every=100)
+    c.recipe.update(seed_steps=200, branch_steps=100, finetune_steps=100)
+    if variant == "tiny":
+        c.train.update(log_every=2, eval_batches=1, checkpoint_every=4)
+        c.recipe.update(seed_steps=6, branch_steps=3, finetune_steps=3, branch_warmup=1, finetune_warmup=1)
+        c.mix.centroid_batches = 1
+    return c

@@ -1,0 +1,40 @@
+"""The BTM ensemble: domain posterior, ensemble probabilities and the prior EMA against a hand computation."""
+import numpy as np
+import pytest
+
+from btx_jax import btm
+
+
+def toy():
+    """Two experts; expert A gives every target p=0.5, B p=0.25; two documents, then padding."""
+    logp = np.log(np.array([[[0.5] * 7], [[0.25] * 7]]))  # [J=2, B=1, T=7]
+    batch = {"segment_ids": np.array([[1, 1, 1, 1, 2, 2, 0]]), "loss_mask": np.array([[1, 1, 1, 1, 1, 1, 0]], float)}
+    return logp, batch
+
+
+def test_posterior_and_ensemble_match_hand_computation():
+    logp, batch = toy()
+    ensemble = btm.PosteriorEnsemble(2, prior_momentum=0.9)
+    got = np.exp(ensemble(logp, batch))[0, :6]
+    # weight on A: prior 1/2, then Bayes over the document's earlier targets: 2/3, 4/5, 8/9; restart at doc 2
+    w_a = np.array([1 / 2, 2 / 3, 4 / 5, 8 / 9, 1 / 2, 2 / 3])
+    np.testing.assert_allclose(got, w_a * 0.5 + (1 - w_a) * 0.25, rtol=1e-12)
+    # prior EMA: posteriors after each whole document: A 16/17 (4 targets), 4/5 (2 targets)
+    mean_a = (16 / 17 + 4 / 5) / 2
+    np.testing.assert_allclose(ensemble.prior, [0.9 * 0.5 + 0.1 * mean_a, 0.9 * 0.5 + 0.1 * (1 - mean_a)], rtol=1e-12)
+
+
+def test_prior_is_used_at_document_start():
+    logp, batch = toy()
+    post = btm.log_posterior(logp, batch["segment_ids"], batch["loss_mask"], np.log([0.2, 0.8]))
+    np.testing.assert_allclose(np.exp(post[:, 0, 0]), [0.2, 0.8], rtol=1e-12)
+    np.testing.assert_allclose(np.exp(post[:, 0, 4]), [0.2, 0.8], rtol=1e-12)  # document 2 starts afresh
+    np.testing.assert_allclose(np.exp(post[0, 0, 1]), 0.2 * 0.5 / (0.2 * 0.5 + 0.8 * 0.25), rtol=1e-12)
+
+
+def test_average_params():
+    a = {"w": np.array([1.0, 2.0], np.float32)}
+    b = {"w": np.array([3.0, 6.0], np.float32)}
+    np.testing.assert_allclose(btm.average_params([a, b])["w"], [2.0, 4.0])
+    np.testing.assert_allclose(btm.average_params([a, b], [3, 1])["w"], [1.5, 3.0])
+    assert btm.average_params([a, b])["w"].dtype == np.float32
