@@ -74,8 +74,8 @@ def plots(report_dir: str, results: dict, workdir: str) -> dict:
         domains = list(routing)
         usage = np.array([routing[d] for d in domains])  # [domains, L, E]
         layers, experts = usage.shape[1], usage.shape[2]
-        fig, axes = plt.subplots(1, layers, figsize=(2.2 + 1.6 * layers * experts / 4, 0.6 + 0.45 * len(domains)),
-                                 squeeze=False)
+        fig, axes = plt.subplots(1, layers, figsize=(2.5 + 2.2 * layers * max(experts, 4) / 4, 1.6 + 0.45 * len(domains)),
+                                 squeeze=False, layout="constrained")
         for layer, ax in enumerate(axes[0]):
             im = ax.imshow(usage[:, layer], cmap="viridis", vmin=0, vmax=max(usage.max(), 1e-6), aspect="auto")
             ax.set_title(f"layer {layer}", fontsize=9)
@@ -83,7 +83,7 @@ def plots(report_dir: str, results: dict, workdir: str) -> dict:
             ax.set_xlabel("expert")
             ax.set_yticks(range(len(domains)))
             ax.set_yticklabels(domains if layer == 0 else [], fontsize=8)
-        fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="fraction of the domain's routed tokens")
+        fig.colorbar(im, ax=axes[0].tolist(), shrink=0.9, label="fraction routed")
         fig.suptitle("BTX routing: domain x expert", fontsize=10)
         fig.savefig(os.path.join(report_dir, "routing.png"), dpi=90)
         fig.canvas.draw()
