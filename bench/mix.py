@@ -50,15 +50,15 @@ def make_sources(root: str) -> None:
     import jax
     import ml_dtypes
     import orbax.checkpoint as ocp
-    from flax import nnx
 
     sys.path.insert(0, REPO)
     from btx_jax.config import base_config
-    from btx_jax.state import build_model
+    from btx_jax.sharding import make_mesh
+    from btx_jax.state import make_setup
 
     config = base_config()
     config.model.update(**MODEL)
-    shapes = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: build_model(config))))
+    shapes = make_setup(config, make_mesh(config.mesh, jax.devices()[:1])).abstract_params
     rng = np.random.default_rng(0)
     seed = jax.tree.map(lambda s: (rng.standard_normal(s.shape, np.float32) * 0.02).astype(ml_dtypes.bfloat16), shapes)
     for name in ("seed", "expert0", "expert1", "expert2"):

@@ -19,6 +19,7 @@ place only when complete, with ``manifest.json``.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import datetime
 import json
@@ -281,27 +282,35 @@ def branch_check(plans: list[LeafPlan], by_label: dict[str, Source], warn=print)
 def merge_leaf(plan: LeafPlan, by_label: dict[str, Source], every: int, noise_rng, copy_noise: float) -> np.ndarray:
     """The merged value of one target leaf, on the host, in the target dtype."""
     dtype = np.dtype(plan.dtype)
-    if plan.kind == "stack":
-        out = np.empty(plan.shape, dtype)
-        first = {}  # label -> the expert slot that holds its first copy
-        for expert, label in enumerate(plan.sources):
-            if label in first:
-                value = out[:, first[label]]
-                if copy_noise > 0:
-                    std = float(np.std(value.astype(np.float32)))
-                    value = (value.astype(np.float32) + noise_rng.normal(0.0, copy_noise * std, value.shape)).astype(dtype)
-            else:
-                value = select_layers(read_leaf(by_label[label], plan.source_path), plan.target, every)
-                first[label] = expert
-            out[:, expert] = value
-        return out
-    if len(plan.sources) == 1:
-        return select_layers(read_leaf(by_label[plan.sources[0]], plan.source_path), plan.target, every).astype(dtype)
-    total = None
-    for label, weight in zip(plan.sources, plan.weights):
-        value = select_layers(read_leaf(by_label[label], plan.source_path), plan.target, every).astype(np.float32)
-        total = value * weight if total is None else total + value * weight
-    return total.astype(dtype)
+    unique = list(dict.fromkeys(plan.sources))
+    # Two sources are read at a time (decompression runs in parallel), which keeps at most
+    # about half the merged leaf of source data in memory next to the output buffer.
+    with concurrent.futures.ThreadPoolExecutor(min(len(unique), 2)) as pool:
+        futures = {label: pool.submit(lambda s: select_layers(read_leaf(by_label[s], plan.source_path),
+                                                              plan.target, every), label) for label in unique}
+        if plan.kind == "stack":
+            out = np.empty(plan.shape, dtype)
+            first = {}  # label -> the expert slot that holds its first copy
+            for expert, label in enumerate(plan.sources):
+                if label in first:
+                    value = out[:, first[label]]
+                    if copy_noise > 0:
+                        std = float(np.std(value.astype(np.float32)))
+                        value = (value.astype(np.float32)
+                                 + noise_rng.normal(0.0, copy_noise * std, value.shape)).astype(dtype)
+                else:
+                    value = futures.pop(label).result()
+                    first[label] = expert
+                out[:, expert] = value
+                del value
+            return out
+        if len(plan.sources) == 1:
+            return futures[plan.sources[0]].result().astype(dtype)
+        total = None
+        for label, weight in zip(plan.sources, plan.weights):
+            value = futures.pop(label).result().astype(np.float32)
+            total = value * weight if total is None else total + value * weight
+        return total.astype(dtype)
 
 
 # ------------------------------------------------------------------------------------ routers
@@ -452,7 +461,7 @@ def run(config, dry_run: bool = False, out=print) -> dict:
     keep = {} if mix.router_init == "centroid" else None  # centroid init runs the merged model
     total = sum(p.nbytes for p in plans)
     rss_before = psutil.Process().memory_info().rss
-    start, read_bytes = time.perf_counter(), 0
+    start, read_bytes, writing = time.perf_counter(), 0, None
     out(f"[mix] {len(experts)} experts{' + seed' if seed else ''} -> {config.moe.num_experts}-expert MoE "
         f"({', '.join(ffn_labels)}), {total / 1e9:.3f} GB, router {mix.router_init}")
     # Uncompressed: weights barely compress, and zstd would cost time and a transient copy per leaf.
@@ -472,9 +481,14 @@ def run(config, dry_run: bool = False, out=print) -> dict:
                     if keep is not None:  # centroid init runs the merged model: keep it on the devices
                         keep[plan.target] = to_target(value, _leaf(setup.abstract_params, plan.target))
                     if not (keep is not None and plan.kind == "router"):
-                        partial_save.save(tmp, _nested(plan.target, value))
+                        # written in the background while the next leaf is read and merged (one in flight)
+                        if writing is not None:
+                            writing.result()
+                        writing = partial_save.save_async(tmp, _nested(plan.target, value))
                     del value
                     bar.update(plan.nbytes)
+            if writing is not None:
+                writing.result()
             if keep is not None:
                 params = {}
                 for path, array in keep.items():
@@ -507,6 +521,11 @@ def run(config, dry_run: bool = False, out=print) -> dict:
             json.dump(manifest, f, indent=1)
         os.rename(tmp, output)
     except BaseException:
+        if writing is not None:  # let the background write end before deleting what it writes into
+            try:
+                writing.result()
+            except Exception:  # noqa: BLE001 - the first error is the one to report
+                pass
         shutil.rmtree(scratch, ignore_errors=True)
         raise
     shutil.rmtree(scratch, ignore_errors=True)

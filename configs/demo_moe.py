@@ -15,7 +15,7 @@ from btx_jax.config import load_config
 def get_config(variant: str | None = None):
     dense = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_dense.py")
     c = load_config(dense + (f":{variant}" if variant else ""))
-    c.moe.update(num_experts=4, top_k=2, dispatcher="einsum", train_capacity_factor=1.25,
+    c.moe.update(num_experts=4, top_k=2, dispatcher="alltoall", train_capacity_factor=1.25,
                  eval_capacity_factor=2.0, group_size=256, load_balance_weight=0.01, router_z_weight=0.001)
     if variant == "tiny":
         c.moe.update(group_size=64)
