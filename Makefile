@@ -15,7 +15,7 @@ $(STAMP): setup.py
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m btx_jax.train --config configs/demo_dense.py --workdir runs/seed
+	$(PY) -m btx_jax.recipe --config configs/btx_demo.py --workdir runs/btx
 
 test: $(STAMP)
 	$(PY) -m pytest tests -q -n 2 --durations=15
