@@ -44,23 +44,27 @@ def log_posterior(logp, segment_ids, mask, log_prior) -> np.ndarray:
     return scores - np.logaddexp.reduce(scores, axis=0, keepdims=True)
 
 
-def ensemble_logprob(logp, log_post) -> np.ndarray:
-    """log sum_j P(j | context) p_j(target) [B, T]."""
+def ensemble_logprob(logp, log_post, top1: bool = False) -> np.ndarray:
+    """log sum_j P(j | context) p_j(target) [B, T]; `top1`: only the most probable domain's expert
+    (sample-level routing: each document goes to one expert, chosen by the posterior so far)."""
+    if top1:
+        best = np.argmax(log_post, axis=0)[None]
+        return np.take_along_axis(logp, best, axis=0)[0]
     return np.logaddexp.reduce(log_post + logp, axis=0)
 
 
 class PosteriorEnsemble:
     """Runs the BTM ensemble over batches, updating the prior after each one."""
 
-    def __init__(self, num_experts: int, prior_momentum: float = 0.9):
+    def __init__(self, num_experts: int, prior_momentum: float = 0.9, top1: bool = False):
         self.log_prior = np.full(num_experts, -np.log(num_experts))
-        self.momentum = prior_momentum
+        self.momentum, self.top1 = prior_momentum, top1
 
     def __call__(self, logp: np.ndarray, batch: dict) -> np.ndarray:
         """logp [J, B, T] of each expert -> the ensemble's log-prob [B, T]; then the prior moves."""
         seg, mask = np.asarray(batch["segment_ids"]), np.asarray(batch["loss_mask"])
         post = log_posterior(logp, seg, mask, self.log_prior)
-        out = ensemble_logprob(logp, post)
+        out = ensemble_logprob(logp, post, self.top1)
         self.update_prior(logp, seg, mask)
         return out
 

@@ -105,7 +105,7 @@ def base_config() -> ConfigDict:
     c.mesh = ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))  # -1: the remaining devices
     c.data = ConfigDict(dict(
         data_dir="data/tfds",  # where TFDS datasets are built / read (ArrayRecord)
-        # domain name -> source: "demo:<code|math|prose>", "files:<glob>[,<glob>...]"
+        # domain name -> source: "demo:<code|math|prose|docs>", "files:<glob>[,<glob>...]"
         # (.txt: one document per file; .jsonl: one per line, field "text"),
         # or "tfds:<name>[/<config>][:<version>]" (an ArrayRecord TFDS dataset with a "text" feature).
         domains=ConfigDict(dict(code="demo:code", math="demo:math", prose="demo:prose")),
@@ -216,7 +216,7 @@ def _check_data(d: ConfigDict) -> None:
     for name, spec in list(d.domains.items()) + list(d.eval_domains.items()):
         if not isinstance(spec, str) or spec.split(":", 1)[0] not in ("demo", "files", "tfds") or ":" not in spec:
             raise ConfigError(f"data.domains.{name}", f"bad source {spec!r}",
-                              "use 'demo:<code|math|prose>', 'files:<glob>' or 'tfds:<name>'")
+                              "use 'demo:<code|math|prose|docs>', 'files:<glob>' or 'tfds:<name>'")
     for name, weight in d.weights.items():
         if name not in d.domains:
             raise ConfigError(f"data.weights.{name}", "weight for a domain that is not in data.domains",

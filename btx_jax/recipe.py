@@ -275,19 +275,22 @@ class Recipe:
         branch_params = [jax.device_get(p) for _, p in loaded]
         logprob = btm.token_logprobs(setup.graphdef, setup.mesh)
         shardings = steps.batch_shardings(setup.mesh)
-        ensemble_metrics, priors = {}, {}
+        ensemble_metrics, top1_metrics, priors = {}, {}, {}
         for domain, batches in eval_sets.items():
             ensemble = btm.PosteriorEnsemble(len(branch_params))
-            nll, count = 0.0, 0.0
+            top1 = btm.PosteriorEnsemble(len(branch_params), top1=True)
+            nll, nll_top1, count = 0.0, 0.0, 0.0
             for batch in batches:
                 logp = np.stack([np.asarray(logprob(p, steps.to_global(batch, shardings))) for _, p in loaded])
-                out = ensemble(logp, batch)
-                nll, count = nll - float((out * batch["loss_mask"]).sum()), count + float(batch["loss_mask"].sum())
-            loss = nll / max(count, 1.0)
-            ensemble_metrics[f"eval/{domain}/ppl"] = float(np.exp(loss))
+                nll -= float((ensemble(logp, batch) * batch["loss_mask"]).sum())
+                nll_top1 -= float((top1(logp, batch) * batch["loss_mask"]).sum())
+                count += float(batch["loss_mask"].sum())
+            ensemble_metrics[f"eval/{domain}/ppl"] = float(np.exp(nll / max(count, 1.0)))
+            top1_metrics[f"eval/{domain}/ppl"] = float(np.exp(nll_top1 / max(count, 1.0)))
             priors[domain] = ensemble.prior.tolist()
         compute_stages = ["seed", *branch_stages]
-        rows = [{**self._row("BTM ensemble", ensemble_metrics, compute_stages), "priors": priors}]
+        rows = [{**self._row("BTM ensemble", ensemble_metrics, compute_stages), "priors": priors},
+                self._row("sample-level routing (top-1 expert)", top1_metrics, compute_stages)]
         eval_step = steps.make_eval_step(setup, shardings)
         uniform = jax.device_put(btm.average_params(branch_params), jax.tree.map(lambda a: a.sharding, setup.abstract_params))
         rows.append(self._row("BTM uniform average", train.evaluate(eval_step, uniform, eval_sets, shardings),

@@ -34,7 +34,8 @@ def markdown(results: dict) -> str:
             f"{'Out-of-domain (never trained on): ' + ', '.join(extra) + '. ' if extra else ''}"
             "Compute: training FLOPs of every stage the model needed (6 x active params x tokens + attention); "
             "the dense and upcycling baselines were given BTX's compute after the seed; BTM uses the seed and "
-            "branches only (no finetuning).\n")
+            "branches only (no finetuning). Sample-level routing sends each document to the one branch expert "
+            "with the highest domain posterior given the document so far.\n")
     return "\n".join(lines) + "\n" + note
 
 

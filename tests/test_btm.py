@@ -38,3 +38,14 @@ def test_average_params():
     np.testing.assert_allclose(btm.average_params([a, b])["w"], [2.0, 4.0])
     np.testing.assert_allclose(btm.average_params([a, b], [3, 1])["w"], [1.5, 3.0])
     assert btm.average_params([a, b])["w"].dtype == np.float32
+
+
+def test_top1_routes_each_position_to_the_most_probable_domain():
+    """Sample-level routing: the expert with the highest posterior so far; here B is better, the prior favours A."""
+    logp = np.log(np.array([[[0.2] * 4], [[0.6] * 4]]))
+    batch = {"segment_ids": np.ones((1, 4), int), "loss_mask": np.ones((1, 4))}
+    ensemble = btm.PosteriorEnsemble(2, top1=True)
+    ensemble.log_prior = np.log([0.9, 0.1])
+    got = np.exp(ensemble(logp, batch))[0]
+    # posterior on B: 0.1, then 0.1*0.6 / (0.1*0.6 + 0.9*0.2) = 0.25, then 0.5, then 0.75
+    np.testing.assert_allclose(got, [0.2, 0.2, 0.2, 0.6], rtol=1e-12)

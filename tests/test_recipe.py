@@ -36,7 +36,7 @@ def test_every_stage_runs_and_the_report_is_written(finished):
     names = [r["model"] for r in results["models"]]
     assert names == ["seed", "expert:code", "expert:math", "expert:prose", "BTX", "dense (compute-matched)",
                      "sparse upcycling", "BTX top1", "BTX no load balance", "BTX random router", "BTM ensemble",
-                     "BTM uniform average", "BTM posterior average"]
+                     "sample-level routing (top-1 expert)", "BTM uniform average", "BTM posterior average"]
     for name in ("results.md", "results.csv", "results.json", "loss_curves.png", "routing.png", "expert_usage.png",
                  "ppl_vs_compute.png"):
         assert os.path.getsize(workdir / "report" / name) > 0, name
@@ -44,7 +44,8 @@ def test_every_stage_runs_and_the_report_is_written(finished):
     table = (workdir / "report" / "results.md").read_text()
     assert "| BTX |" in table and "**" in table
     routing = results["routing"]
-    assert set(routing) == {"code", "math", "prose"} and [len(u) for u in routing["code"]] == [4, 4]  # 2 layers x 4 experts
+    assert results["domains"] == ["code", "math", "prose", "docs"]  # docs: out of domain, never trained on
+    assert set(routing) == {"code", "math", "prose", "docs"} and [len(u) for u in routing["code"]] == [4, 4]  # 2 layers x 4 experts
     for model in results["models"]:
         assert all(1.0 < p < 400 for p in model["ppl"].values())
 

@@ -1,7 +1,7 @@
 """TFDS builders (ArrayRecord, no TensorFlow needed) and the per-domain random-access sources.
 
 A domain's source is one of
-  ``demo:<code|math|prose>``   the offline demo corpus (see demo_sources.py for provenance),
+  ``demo:<code|math|prose|docs>``   the offline demo corpus (see demo_sources.py for provenance),
   ``files:<glob>[,<glob>...]`` the user's own ``.txt`` (one document per file) or ``.jsonl``
                                (one document per line, field ``text``) files,
   ``tfds:<name>``              any TFDS dataset already prepared as ArrayRecord with a

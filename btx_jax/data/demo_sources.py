@@ -24,7 +24,7 @@ import sysconfig
 from fractions import Fraction
 from typing import Callable, Iterable, Iterator
 
-DOMAINS = ("code", "math", "prose")
+DOMAINS = ("code", "math", "prose", "docs")  # docs: meant as an out-of-domain eval set
 SPLITS = ("train", "eval")
 
 _PY = f"{sys.version_info.major}.{sys.version_info.minor}"
@@ -54,6 +54,14 @@ PROVENANCE: dict[str, str] = {
         "stage directions in square brackets, verse lines unchanged. The plays "
         "themselves are in the public domain."
     ),
+    "docs": (
+        "The help topics of the Python documentation (language reference sections: "
+        "'assignment', 'if', 'lambda', ...) as shipped in the standard library's "
+        f"pydoc_data/topics.py (here Python {_PY}), one document per topic; half the topics "
+        "are held out for eval. Technical English prose, used by the demo only as an "
+        "out-of-domain evaluation set (pydoc_data is left out of the code domain). "
+        "Copyright the Python Software Foundation, PSF License Agreement."
+    ),
 }
 
 # Share of sources held out for eval, decided by a hash of the source name.
@@ -64,7 +72,10 @@ _MATH_EVAL_FRACTION = 0.10   # share of the problem-parameter space reserved for
 MATH_PROBLEMS = {"train": 50_000, "eval": 2_000}
 _MATH_SEEDS = {"train": 1_234_567, "eval": 7_654_321}
 
-_CODE_EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "__pycache__"})
+_DOCS_EVAL_FRACTION = 0.5   # only ever evaluated on, so half the topics are held out
+
+_CODE_EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "__pycache__",
+                                 "pydoc_data"})  # pydoc_data is the docs domain
 
 
 # ---------------------------------------------------------------------------- public API
@@ -1075,8 +1086,18 @@ def _math_sources(split: str, limit: int | None) -> Iterator[tuple[str, str]]:
         yield f"{family}/{split}-{n:06d}", text
 
 
+def _docs_sources(split: str, limit: int | None) -> Iterator[tuple[str, str]]:
+    """The documentation's help topics of one split, by topic name."""
+    from pydoc_data.topics import topics
+
+    for name in sorted(topics):
+        if _split_of("docs", name, _DOCS_EVAL_FRACTION) == split:
+            yield f"topics/{name}", topics[name].replace("\r\n", "\n")
+
+
 _SOURCES: dict[str, Callable[[str, int | None], Iterable[tuple[str, str]]]] = {
     "code": _code_sources,
     "math": _math_sources,
     "prose": _prose_sources,
+    "docs": _docs_sources,
 }
