@@ -178,8 +178,9 @@ class Recipe:
         baselines = _items(r.baselines)
         if "dense" in baselines:
             probe = dense_config(config, 1)
-            self.train_stage("baseline/dense", dense_config(config, matched_steps(probe, after_seed),
-                                                            init_from=self.path("seed")))
+            # the seed trained on like a branch (same lr and warmup), but on the mixture
+            self.train_stage("baseline/dense", dense_config(config, matched_steps(probe, after_seed), lr=r.branch_lr,
+                                                            warmup=r.branch_warmup, init_from=self.path("seed")))
         if "upcycle" in baselines:
             self.mix_stage("baseline/upcycle_mix", experts="", seed=self.path("seed"), seed_expert=False,
                            copies=True, copy_noise=0.01, router_init="normal")

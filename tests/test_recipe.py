@@ -89,3 +89,21 @@ def test_rerun_skips_finished_stages_and_resumes_an_interrupted_one(finished, de
         assert f"{stage}: done, skipping" in text
     assert json.load(open(workdir / "seed" / "stage.json"))["steps"] == 6
     assert os.path.isdir(workdir / "seed" / "checkpoints" / "6")
+
+
+def test_parallel_branches_run_as_processes(finished, demo_data_dir, tmp_path):
+    """recipe.parallel_branches: each branch is its own `btx_jax.train` process, started from the seed."""
+    workdir, _, _ = finished
+    shutil.copytree(workdir / "seed", tmp_path / "seed")
+    config = tiny(demo_data_dir)
+    config.recipe.parallel_branches = True
+    lines = []
+    run = recipe.Recipe(config, str(tmp_path), out=lines.append)
+    run.records["seed"] = json.load(open(tmp_path / "seed" / "stage.json"))
+    run.branches()
+    text = "\n".join(lines)
+    for domain in ("code", "math", "prose"):
+        assert f"branch/{domain}: started as a process" in text
+        log = (tmp_path / "branch" / domain / "train.log").read_text()
+        assert "initialising params from" in log and "done: 3 steps" in log
+        assert json.load(open(tmp_path / "branch" / domain / "stage.json"))["steps"] == 3
