@@ -22,7 +22,7 @@ def get_config(variant: str | None = None):
     # never trained on: out-of-domain perplexity (Python documentation prose)
     c.data.eval_domains = ConfigDict({"docs": "demo:docs"})
     c.mix.update(seed_expert=True, router_init="centroid", policy="", centroid_batches=2)
-    c.train.update(log_every=25, eval_batches=4, checkpoint_every=100)
+    c.train.update(log_every=25, eval_batches=3, checkpoint_every=100)
     c.recipe.update(seed_steps=200, branch_steps=100, finetune_steps=100)
     if variant == "tiny":
         c.train.update(log_every=2, eval_batches=1, checkpoint_every=4)
