@@ -37,10 +37,12 @@ def _stable_fraction(key: str) -> float:
 
 
 class DemoCorpus(tfds.core.GeneratorBasedBuilder):
-    """The demo corpus: one config per domain (code, math, prose)."""
+    """The demo corpus: one config per domain (code, math, prose, docs)."""
 
     name = "btx_demo"
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "code, math, prose.",
+                     "1.1.0": "docs (the documentation's help topics); pydoc_data left out of code."}
     BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=d, description=demo_sources.PROVENANCE[d])
                        for d in demo_sources.DOMAINS]
 
