@@ -206,7 +206,7 @@ class Recipe:
 
     def models(self) -> list[dict]:
         """Every trained model: name, stage, config, and the stages whose compute it used."""
-        config, r = self.config, self.config.recipe
+        config = self.config
         branches = [f"branch/{d}" for d in self.domains]
         models = [{"name": "seed", "stage": "seed", "config": dense_config(config, 1), "compute": ["seed"]}]
         models += [{"name": f"expert:{d}", "stage": f"branch/{d}", "config": dense_config(config, 1),
@@ -224,7 +224,6 @@ class Recipe:
             if f"variant/{variant}" in self.records:
                 models.append({"name": f"BTX {variant.replace('_', ' ')}", "stage": f"variant/{variant}",
                                "config": moe_config(config, 2, "", **moe), "compute": ["seed", *branches, f"variant/{variant}"]})
-        del r
         return models
 
     def _params(self, c, stage):
