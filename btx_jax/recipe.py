@@ -45,7 +45,8 @@ def dense_config(config, steps: int, *, lr=None, warmup=None, init_from="", doma
     """A dense training config from the recipe config (its model, data, optim and train sections)."""
     c = copy.deepcopy(config)
     c.moe.num_experts = 0
-    c.train.update(steps=steps, init_from=init_from, eval_every=steps, checkpoint_every=min(c.train.checkpoint_every, steps))
+    c.train.update(steps=steps, init_from=init_from, eval_every=steps, checkpoint_every=min(c.train.checkpoint_every, steps),
+                   eval_batches=1)  # a stage's own eval is a progress line; the recipe's eval stage measures
     c.optim.update(lr=c.optim.lr if lr is None else lr)
     c.optim.warmup_steps = min(c.optim.warmup_steps if warmup is None else warmup, steps - 1)
     if domain is not None:
@@ -56,7 +57,8 @@ def dense_config(config, steps: int, *, lr=None, warmup=None, init_from="", doma
 def moe_config(config, steps: int, init_from: str, **moe_overrides) -> ConfigDict:
     c = copy.deepcopy(config)
     c.moe.update(**moe_overrides)
-    c.train.update(steps=steps, init_from=init_from, eval_every=steps, checkpoint_every=min(c.train.checkpoint_every, steps))
+    c.train.update(steps=steps, init_from=init_from, eval_every=steps, checkpoint_every=min(c.train.checkpoint_every, steps),
+                   eval_batches=1)
     c.optim.update(lr=config.recipe.finetune_lr, warmup_steps=min(config.recipe.finetune_warmup, steps - 1))
     return c
 
