@@ -53,6 +53,40 @@ def ensemble_logprob(logp, log_post, top1: bool = False) -> np.ndarray:
     return np.logaddexp.reduce(log_post + logp, axis=0)
 
 
+def document_ends(segment_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """[B, T] True at each document's last scored target (the next position is another document,
+    unscored, or past the row)."""
+    scored = mask > 0
+    next_same = np.concatenate([(segment_ids[:, 1:] == segment_ids[:, :-1]) & scored[:, 1:],
+                                np.zeros_like(scored[:, :1])], axis=1)
+    return scored & ~next_same
+
+
+def document_posteriors(logp, segment_ids, mask, log_prior) -> np.ndarray:
+    """P(j | the whole document) for every document that ends in the batch: [J, documents].
+
+    A document ends at its last scored target: the pipeline masks the position whose target
+    would start the next document, so "the last position of the segment" is never scored.
+    """
+    ends = document_ends(segment_ids, mask)
+    full = log_posterior(logp, segment_ids, mask, log_prior)
+    final = full + np.where(mask[None] > 0, logp, 0.0)  # add the last target to the context
+    final = final - np.logaddexp.reduce(final, axis=0, keepdims=True)
+    return np.exp(final[:, ends])
+
+
+def fit_prior(logp_and_batches, num_experts: int) -> np.ndarray:
+    """The domain prior for a posterior-weighted average: the mean, over the documents of a
+    calibration set (never the evaluation's), of each document's posterior under a uniform prior."""
+    uniform = np.full(num_experts, -np.log(num_experts))
+    posteriors = [document_posteriors(logp, np.asarray(b["segment_ids"]), np.asarray(b["loss_mask"]), uniform)
+                  for logp, b in logp_and_batches]
+    posteriors = np.concatenate(posteriors, axis=1) if posteriors else np.zeros((num_experts, 0))
+    if posteriors.shape[1] == 0:
+        raise ValueError("the calibration set holds no complete document; give it more tokens")
+    return posteriors.mean(axis=1)
+
+
 class PosteriorEnsemble:
     """Runs the BTM ensemble over batches, updating the prior after each one."""
 
@@ -69,17 +103,11 @@ class PosteriorEnsemble:
         return out
 
     def update_prior(self, logp, seg, mask) -> None:
-        """EMA of the posterior after each whole document of the batch."""
-        full = log_posterior(logp, seg, mask, self.log_prior)
-        last = mask > 0
-        ends = last & np.concatenate([seg[:, 1:] != seg[:, :-1], np.ones_like(seg[:, :1], bool)], axis=1)
-        if not ends.any():
+        """EMA of the posterior at the end of each document of the batch (mean over its documents)."""
+        final = document_posteriors(logp, seg, mask, self.log_prior)
+        if final.shape[1] == 0:
             return
-        # posterior including the document's last target: add it to the context of the last position
-        final = full + np.where(mask[None] > 0, logp, 0.0)
-        final = final - np.logaddexp.reduce(final, axis=0, keepdims=True)
-        mean = np.exp(final[:, ends]).mean(axis=1)
-        prior = self.momentum * np.exp(self.log_prior) + (1 - self.momentum) * mean
+        prior = self.momentum * np.exp(self.log_prior) + (1 - self.momentum) * final.mean(axis=1)
         self.log_prior = np.log(prior / prior.sum())
 
     @property

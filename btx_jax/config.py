@@ -57,7 +57,8 @@ def base_config() -> ConfigDict:
         top_k=2,               # experts per token: 1 as in Switch, 2 as in GShard / Mixtral / BTX
         moe_every=1,           # every k-th layer is MoE (layers k-1, 2k-1, ...); the others stay dense
         dispatcher="einsum",   # einsum (GShard, GSPMD) | alltoall (expert parallel) | dropless | reference
-        renormalize=True,      # top-k weights divided by their sum (an all-copies MoE then equals the dense FFN)
+        renormalize=True,      # top_k > 1: weights divided by their sum (an all-copies MoE then equals the dense FFN);
+                               # top_k = 1 always gates by the router probability p (Switch; all copies: p * FFN)
         train_capacity_factor=1.25,
         eval_capacity_factor=2.0,
         group_size=256,        # tokens routed together (capacity is per group); min(group_size, seq_len) divides seq_len
@@ -82,7 +83,8 @@ def base_config() -> ConfigDict:
         # Non-FFN params: ';'-separated 'regex=rule' on target paths (first match wins; unmatched: mean),
         # or a tuple of (regex, rule) pairs. Rules: mean | weighted:w1,w2,... | seed | source:<i>
         policy="",
-        router_init="normal",  # normal | zeros | centroid (each column = mean hidden state of its domain)
+        router_init="normal",  # normal | zeros (near-uniform: normal(router_std * 1e-3), so top-k ties do not all
+                               # go to experts 0..k-1) | centroid (each column = mean hidden state of its domain)
         router_std=0.02,       # normal: the std; centroid: the norm of the mean column
         domains="",            # centroid: each expert source's data domain, comma-separated (default: sorted data.domains)
         centroid_batches=2,    # centroid: batches per domain (train split)
@@ -101,6 +103,12 @@ def base_config() -> ConfigDict:
         # BTX variants, each a finetune: top1, no_load_balance, random_router (normal init instead of centroid)
         variants="top1,no_load_balance,random_router",
         parallel_branches=False,  # train the branches as parallel processes (one per domain)
+        seeds=1,               # trials of the whole comparison (train.seed and data.seed + i); 3+ for seed intervals
+        eval_tokens=100_000,   # scored targets per domain, a fixed prefix of each held-out split (0: the whole split)
+        calibration_tokens=20_000,  # training-split tokens per domain that fit the BTM posterior-average weights
+        bootstrap=1000,        # paired bootstrap replicates (documents x trials) for the 95% intervals
+        rerun_from="",         # comma-separated stages to re-run with everything downstream, e.g. finetune, branch/code
+        sweep="",              # e.g. seed_share:0.3,0.5,0.7,0.9: the comparison at each compute split (btx_jax/sweep.py)
     ))
     c.mesh = ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))  # -1: the remaining devices
     c.data = ConfigDict(dict(

@@ -8,7 +8,8 @@ one MoE checkpoint that ``btx_jax.train --config.train.init_from=<output>`` fine
   experts filled by cycling through fewer sources (sparse upcycling), with symmetry-breaking noise;
 - every other parameter is merged by the first matching (regex -> rule) of ``mix.policy``:
   mean (default), weighted:w1,...,wN, seed, source:i;
-- the router is new: normal(std), zeros, or centroid (each expert's column is the mean hidden
+- the router is new: normal(std), zeros (near-uniform: normal(std * 1e-3), see ``initial_router``),
+  or centroid (each expert's column is the mean hidden
   state, at that layer, of its own domain's tokens under the merged model).
 
 It streams: one target leaf at a time is read from each source (partial restore), merged on
@@ -315,10 +316,25 @@ def merge_leaf(plan: LeafPlan, by_label: dict[str, Source], every: int, noise_rn
 
 # ------------------------------------------------------------------------------------ routers
 
+ZEROS_ROUTER_SCALE = 1e-3  # router_init=zeros: kernel std = router_std * this
+
+
 def initial_router(plan: LeafPlan, mix, rng) -> np.ndarray:
+    """The router kernel before finetuning.
+
+    normal: normal(0, router_std). zeros: near-uniform routing, normal(0, router_std * 1e-3), not
+    an exact zero: a zero kernel ties every probability and ``jax.lax.top_k`` breaks ties by
+    index, so every token would go to experts 0..k-1. With unit-RMS router inputs the logits
+    have std ~ router_std * 1e-3 * sqrt(D) (1.6e-4 at D=64, 2e-3 at D=8192 with router_std 0.02):
+    the probabilities are 1/E to about that relative precision, while the top-k choice varies from
+    token to token. centroid: exact zeros, a placeholder that ``centroid_router`` overwrites
+    (it starts from its own zero kernel; no random numbers are drawn, so the copy noise is unchanged).
+    """
     if mix.router_init == "normal":
         return rng.normal(0.0, mix.router_std, plan.shape).astype(plan.dtype)
-    return np.zeros(plan.shape, plan.dtype)  # zeros (uniform routing); also the start of centroid init
+    if mix.router_init == "zeros":
+        return rng.normal(0.0, mix.router_std * ZEROS_ROUTER_SCALE, plan.shape).astype(plan.dtype)
+    return np.zeros(plan.shape, plan.dtype)  # centroid: replaced by centroid_router
 
 
 def centroid_router(config, setup, params: dict, ffn_labels: list[str], num_sources: int, out=print) -> np.ndarray:

@@ -17,20 +17,19 @@ Stages, each under ``workdir/<stage>/`` and each resumable (a finished stage has
 from __future__ import annotations
 
 import copy
-import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
-from btx_jax import btm, checkpoint, config as config_lib, mix, sharding, steps, train
+from btx_jax import compare as compare_lib, config as config_lib, evaluate, intervals, mix, report, sweep, train
 from btx_jax.flops import train_flops_per_token
-from btx_jax.state import make_setup
+from btx_jax.stages import StageStore, relevant_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,78 +77,70 @@ def matched_steps(c, flops: float) -> int:
 
 # ---------------------------------------------------------------------------------- the recipe
 
+TRAIN_SECTIONS = ("model", "data", "optim", "train")
+MIX_SECTIONS = ("model", "moe", "mix", "data")
+
+
 class Recipe:
-    """Runs the stages in order, skipping finished ones; `records` holds each stage's compute."""
+    """Runs the stages of one trial in order; a stage whose fingerprint is unchanged is skipped."""
 
     def __init__(self, config, workdir: str, out=print):
         self.config, self.workdir, self.out = config, os.path.abspath(workdir), out
         self.domains = sorted(config.data.domains.keys())
-        self.records: dict[str, dict] = {}
+        self.store = StageStore(self.workdir, out, config.recipe.rerun_from)
+
+    @property
+    def records(self) -> dict[str, dict]:
+        return self.store.records
 
     def path(self, stage: str) -> str:
         return os.path.join(self.workdir, stage)
 
-    def _finished(self, stage: str) -> dict | None:
-        marker = os.path.join(self.path(stage), "stage.json")
-        if os.path.exists(marker):
-            with open(marker) as f:
-                return json.load(f)
-        return None
+    def _begin_train(self, stage: str, c, inputs: list[str]) -> dict | None:
+        sections = TRAIN_SECTIONS + (("moe",) if c.moe.num_experts else ())
+        return self.store.begin(stage, relevant_config(c, sections), inputs)
 
-    def _finish(self, stage: str, record: dict) -> dict:
-        os.makedirs(self.path(stage), exist_ok=True)
-        tmp = os.path.join(self.path(stage), "stage.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(record, f, indent=1)
-        os.replace(tmp, os.path.join(self.path(stage), "stage.json"))
-        self.records[stage] = record
-        return record
+    def _finish_train(self, stage: str, c, seconds: float, final_eval: dict) -> dict:
+        return self.store.finish(stage, {**compute(c), "kind": "moe" if c.moe.num_experts else "dense",
+                                         "seconds": seconds, "final_eval": final_eval})
 
-    def train_stage(self, stage: str, c) -> dict:
-        done = self._finished(stage)
+    def train_stage(self, stage: str, c, inputs: list[str]) -> dict:
+        done = self._begin_train(stage, c, inputs)
         if done is not None:
-            self.out(f"[recipe] {stage}: done, skipping")
-            self.records[stage] = done
             return done
         self.out(f"[recipe] {stage}: training {c.train.steps} steps"
                  + (f" ({c.moe.num_experts} experts)" if c.moe.num_experts else "") + f" -> {self.path(stage)}")
         start = time.perf_counter()
         final = train.run(c, self.path(stage))
-        return self._finish(stage, {**compute(c), "kind": "moe" if c.moe.num_experts else "dense",
-                                    "seconds": time.perf_counter() - start, "final_eval": final})
+        return self._finish_train(stage, c, time.perf_counter() - start, final)
 
-    def mix_stage(self, stage: str, **mix_overrides) -> dict:
-        done = self._finished(stage)
-        if done is not None:
-            self.out(f"[recipe] {stage}: done, skipping")
-            self.records[stage] = done
-            return done
+    def mix_stage(self, stage: str, inputs: list[str], **mix_overrides) -> dict:
         c = copy.deepcopy(self.config)
         c.mix.update(output=os.path.join(self.path(stage), "checkpoint"), **mix_overrides)
-        out_dir = c.mix.output
-        if os.path.exists(out_dir):  # written, but the stage marker was not: redo
-            import shutil
-            shutil.rmtree(out_dir)
+        done = self.store.begin(stage, relevant_config(c, MIX_SECTIONS), inputs)
+        if done is not None:
+            return done
+        if os.path.exists(c.mix.output):  # written, but the stage marker was not: redo
+            shutil.rmtree(c.mix.output)
         manifest = mix.run(c, out=self.out)
-        return self._finish(stage, {"steps": 0, "tokens": 0, "flops": 0.0, "kind": "mix",
-                                    "seconds": manifest["seconds"], "router_init": c.mix.router_init})
+        return self.store.finish(stage, {"steps": 0, "tokens": 0, "flops": 0.0, "kind": "mix",
+                                         "seconds": manifest["seconds"], "router_init": c.mix.router_init})
 
     def branches(self) -> None:
         r = self.config.recipe
-        configs = {d: dense_config(self.config, r.branch_steps, lr=r.branch_lr, warmup=r.branch_warmup,
-                                   init_from=self.path("seed"), domain=d) for d in self.domains}
-        if r.parallel_branches:
-            self._parallel({f"branch/{d}": c for d, c in configs.items()})
-        for d, c in configs.items():
-            self.train_stage(f"branch/{d}", c)
+        configs = {f"branch/{d}": dense_config(self.config, r.branch_steps, lr=r.branch_lr, warmup=r.branch_warmup,
+                                               init_from=self.path("seed"), domain=d) for d in self.domains}
+        if not r.parallel_branches:
+            for stage, c in configs.items():
+                self.train_stage(stage, c, ["seed"])
+            return
+        pending = {stage: c for stage, c in configs.items() if self._begin_train(stage, c, ["seed"]) is None}
+        self._parallel(pending)
 
     def _parallel(self, stages: dict) -> None:
-        """Each unfinished stage as its own `python -m btx_jax.train` process; their stage.json are written after."""
-        procs = {}
+        """Each stage as its own `python -m btx_jax.train` process, all at once; recorded when all succeed."""
+        procs, start = {}, time.perf_counter()
         for stage, c in stages.items():
-            if self._finished(stage) is not None:
-                continue
-            os.makedirs(self.path(stage), exist_ok=True)
             config_file = os.path.join(self.path(stage), "stage_config.py")
             with open(config_file, "w") as f:
                 f.write("import json\nfrom ml_collections import ConfigDict\n\n\ndef get_config(variant=None):\n"
@@ -161,153 +152,159 @@ class Recipe:
         failed = [s for s, p in procs.items() if p.wait() != 0]
         if failed:
             raise RuntimeError(f"branch processes failed: {failed}; see their train.log, then rerun to resume")
+        for stage, c in stages.items():
+            self._finish_train(stage, c, time.perf_counter() - start, {})
 
-    def run(self) -> dict:
+    def run(self) -> None:
+        """Every training and surgery stage of the comparison (evaluation is btx_jax.compare's job)."""
         config, r = self.config, self.config.recipe
-        seed_config = dense_config(config, r.seed_steps)
-        self.train_stage("seed", seed_config)
+        branches = [f"branch/{d}" for d in self.domains]
+        self.train_stage("seed", dense_config(config, r.seed_steps), [])
         self.branches()
-        seed_expert = config.mix.seed_expert
-        experts = ",".join(self.path(f"branch/{d}") for d in self.domains)
-        mix_common = dict(experts=experts, seed=self.path("seed"), domains=",".join(self.domains))
-        self.mix_stage("mix", **mix_common)
+        mix_common = dict(experts=",".join(self.path(b) for b in branches), seed=self.path("seed"),
+                          domains=",".join(self.domains))
+        self.mix_stage("mix", ["seed", *branches], **mix_common)
         mixed = os.path.join(self.path("mix"), "checkpoint")
-        finetune = moe_config(config, r.finetune_steps, mixed)
-        self.train_stage("finetune", finetune)
+        self.train_stage("finetune", moe_config(config, r.finetune_steps, mixed), ["mix"])
 
-        after_seed = (sum(self.records[f"branch/{d}"]["flops"] for d in self.domains)
-                      + self.records["finetune"]["flops"])
+        after_seed = sum(self.records[b]["flops"] for b in branches) + self.records["finetune"]["flops"]
         baselines = _items(r.baselines)
         if "dense" in baselines:
-            probe = dense_config(config, 1)
             # the seed trained on like a branch (same lr and warmup), but on the mixture
-            self.train_stage("baseline/dense", dense_config(config, matched_steps(probe, after_seed), lr=r.branch_lr,
-                                                            warmup=r.branch_warmup, init_from=self.path("seed")))
+            steps_ = matched_steps(dense_config(config, 1), after_seed)
+            self.train_stage("baseline/dense", dense_config(config, steps_, lr=r.branch_lr, warmup=r.branch_warmup,
+                                                            init_from=self.path("seed")), ["seed"])
         if "upcycle" in baselines:
-            self.mix_stage("baseline/upcycle_mix", experts="", seed=self.path("seed"), seed_expert=False,
+            self.mix_stage("baseline/upcycle_mix", ["seed"], experts="", seed=self.path("seed"), seed_expert=False,
                            copies=True, copy_noise=0.01, router_init="normal")
-            probe = moe_config(config, 1, "")
-            self.train_stage("baseline/upcycle", moe_config(config, matched_steps(probe, after_seed),
-                                                           os.path.join(self.path("baseline/upcycle_mix"), "checkpoint")))
+            steps_ = matched_steps(moe_config(config, 1, ""), after_seed)
+            self.train_stage("baseline/upcycle", moe_config(
+                config, steps_, os.path.join(self.path("baseline/upcycle_mix"), "checkpoint")), ["baseline/upcycle_mix"])
         variants = _items(r.variants)
         if "top1" in variants:
-            self.train_stage("variant/top1", moe_config(config, r.finetune_steps, mixed, top_k=1))
+            self.train_stage("variant/top1", moe_config(config, r.finetune_steps, mixed, top_k=1), ["mix"])
         if "no_load_balance" in variants:
-            self.train_stage("variant/no_load_balance", moe_config(config, r.finetune_steps, mixed,
-                                                                   load_balance_weight=0.0))
+            self.train_stage("variant/no_load_balance",
+                             moe_config(config, r.finetune_steps, mixed, load_balance_weight=0.0), ["mix"])
         if "random_router" in variants:
-            self.mix_stage("variant/random_router_mix", **mix_common, seed_expert=seed_expert, router_init="normal")
+            self.mix_stage("variant/random_router_mix", ["seed", *branches], **mix_common, router_init="normal")
             self.train_stage("variant/random_router", moe_config(
-                config, r.finetune_steps, os.path.join(self.path("variant/random_router_mix"), "checkpoint")))
-        results = self.evaluate("btm" in baselines)
-        from btx_jax import report
-        report.write(self.path("report"), results, self.workdir, out=self.out)
-        return results
-
-    # ------------------------------------------------------------------------------ evaluation
+                config, r.finetune_steps, os.path.join(self.path("variant/random_router_mix"), "checkpoint")),
+                ["variant/random_router_mix"])
 
     def models(self) -> list[dict]:
-        """Every trained model: name, stage, config, and the stages whose compute it used."""
+        """Every trained model: name, stage, config (MoE models evaluated dropless), the stages it cost."""
         config = self.config
         branches = [f"branch/{d}" for d in self.domains]
-        models = [{"name": "seed", "stage": "seed", "config": dense_config(config, 1), "compute": ["seed"]}]
-        models += [{"name": f"expert:{d}", "stage": f"branch/{d}", "config": dense_config(config, 1),
+        dense = dense_config(config, 1)
+
+        def moe(**overrides):
+            return moe_config(config, 2, "", dispatcher="dropless", expert_dropout=0.0, **overrides)
+
+        models = [{"name": "seed", "stage": "seed", "config": dense, "compute": ["seed"]}]
+        models += [{"name": f"expert:{d}", "stage": f"branch/{d}", "config": dense,
                     "compute": ["seed", f"branch/{d}"]} for d in self.domains]
-        models.append({"name": "BTX", "stage": "finetune", "config": moe_config(config, 2, ""),
-                       "compute": ["seed", *branches, "finetune"]})
+        models.append({"name": "BTX", "stage": "finetune", "config": moe(), "compute": ["seed", *branches, "finetune"]})
         if "baseline/dense" in self.records:
-            models.append({"name": "dense (compute-matched)", "stage": "baseline/dense",
-                           "config": dense_config(config, 1), "compute": ["seed", "baseline/dense"]})
+            models.append({"name": "dense (compute-matched)", "stage": "baseline/dense", "config": dense,
+                           "compute": ["seed", "baseline/dense"]})
         if "baseline/upcycle" in self.records:
-            models.append({"name": "sparse upcycling", "stage": "baseline/upcycle", "config": moe_config(config, 2, ""),
+            models.append({"name": "sparse upcycling", "stage": "baseline/upcycle", "config": moe(),
                            "compute": ["seed", "baseline/upcycle"]})
-        overrides = {"top1": dict(top_k=1), "no_load_balance": {}, "random_router": {}}
-        for variant, moe in overrides.items():
+        for variant, overrides in {"top1": dict(top_k=1), "no_load_balance": {}, "random_router": {}}.items():
             if f"variant/{variant}" in self.records:
                 models.append({"name": f"BTX {variant.replace('_', ' ')}", "stage": f"variant/{variant}",
-                               "config": moe_config(config, 2, "", **moe), "compute": ["seed", *branches, f"variant/{variant}"]})
+                               "config": moe(**overrides), "compute": ["seed", *branches, f"variant/{variant}"]})
         return models
 
-    def _params(self, c, stage):
-        mesh = sharding.make_mesh(c.mesh)
-        setup = make_setup(c, mesh)
-        return setup, checkpoint.load_params(self.path(stage), setup.abstract_params)
 
-    def evaluate(self, with_btm: bool) -> dict:
-        """Per-domain held-out loss/perplexity of every model, compute, and BTX's routing per domain."""
-        self.out("[recipe] eval: per-domain held-out perplexity of every model")
-        eval_sets = train.load_eval_sets(self.config)
-        rows = []
-        for model in self.models():
-            c = model["config"]
-            setup, params = self._params(c, model["stage"])
-            eval_step = steps.make_eval_step(setup, steps.batch_shardings(setup.mesh))
-            metrics = train.evaluate(eval_step, params, eval_sets, steps.batch_shardings(setup.mesh))
-            rows.append(self._row(model["name"], metrics, model["compute"]))
-            if model["name"] == "BTX":
-                routing = self.routing(setup, params, eval_sets)
-        if with_btm:
-            rows += self.btm_rows(eval_sets)
-        return {"domains": list(eval_sets), "train_domains": self.domains, "models": rows, "routing": routing,
-                "stages": self.records}
+# ---------------------------------------------------------------------------------- trials and results
 
-    def _row(self, name, metrics: dict, stages: list[str]) -> dict:
-        flops = sum(self.records[s]["flops"] for s in stages)
-        tokens = sum(self.records[s]["tokens"] for s in stages)
-        ppl = {k.split("/")[1]: v for k, v in metrics.items() if k.endswith("/ppl") and k.count("/") == 2}
-        return {"model": name, "ppl": ppl, "avg_ppl": float(np.mean([ppl[d] for d in self.domains])),
-                "flops": flops, "tokens": tokens, "stages": stages}
-
-    def routing(self, setup, params, eval_sets) -> dict:
-        """Fraction of each domain's routed tokens that go to each expert, per MoE layer: {domain: [L, E]}."""
-        shardings = steps.batch_shardings(setup.mesh)
-        fn = steps._under_mesh(jax.jit(lambda p, b: steps.forward(setup.graphdef, p, b)[1]["expert_usage"]), setup.mesh)
-        usage = {}
-        for domain, batches in eval_sets.items():
-            per_batch = [np.asarray(fn(params, steps.to_global(b, shardings))) for b in batches]
-            usage[domain] = np.mean(per_batch, axis=0).tolist()
-        return usage
-
-    def btm_rows(self, eval_sets) -> list[dict]:
-        """BTM: posterior-weighted ensemble of the branches; uniform and posterior-weighted parameter averages."""
-        c = dense_config(self.config, 1)
-        branch_stages = [f"branch/{d}" for d in self.domains]
-        loaded = [self._params(c, s) for s in branch_stages]
-        setup = loaded[0][0]
-        branch_params = [jax.device_get(p) for _, p in loaded]
-        logprob = btm.token_logprobs(setup.graphdef, setup.mesh)
-        shardings = steps.batch_shardings(setup.mesh)
-        ensemble_metrics, top1_metrics, priors = {}, {}, {}
-        for domain, batches in eval_sets.items():
-            ensemble = btm.PosteriorEnsemble(len(branch_params))
-            top1 = btm.PosteriorEnsemble(len(branch_params), top1=True)
-            nll, nll_top1, count = 0.0, 0.0, 0.0
-            for batch in batches:
-                logp = np.stack([np.asarray(logprob(p, steps.to_global(batch, shardings))) for _, p in loaded])
-                nll -= float((ensemble(logp, batch) * batch["loss_mask"]).sum())
-                nll_top1 -= float((top1(logp, batch) * batch["loss_mask"]).sum())
-                count += float(batch["loss_mask"].sum())
-            ensemble_metrics[f"eval/{domain}/ppl"] = float(np.exp(nll / max(count, 1.0)))
-            top1_metrics[f"eval/{domain}/ppl"] = float(np.exp(nll_top1 / max(count, 1.0)))
-            priors[domain] = ensemble.prior.tolist()
-        compute_stages = ["seed", *branch_stages]
-        rows = [{**self._row("BTM ensemble", ensemble_metrics, compute_stages), "priors": priors},
-                self._row("sample-level routing (top-1 expert)", top1_metrics, compute_stages)]
-        eval_step = steps.make_eval_step(setup, shardings)
-        uniform = jax.device_put(btm.average_params(branch_params), jax.tree.map(lambda a: a.sharding, setup.abstract_params))
-        rows.append(self._row("BTM uniform average", train.evaluate(eval_step, uniform, eval_sets, shardings),
-                              compute_stages))
-        weighted = {}
-        for domain, batches in eval_sets.items():  # each domain: the average weighted by its ensemble prior
-            avg = jax.device_put(btm.average_params(branch_params, priors[domain]),
-                                 jax.tree.map(lambda a: a.sharding, setup.abstract_params))
-            weighted.update(train.evaluate(eval_step, avg, {domain: batches}, shardings))
-        rows.append(self._row("BTM posterior average", weighted, compute_stages))
-        return rows
+def trial_config(config, trial: int) -> ConfigDict:
+    """Trial i: another initialisation and data order (train.seed and data.seed + i); trial 0 is the config."""
+    c = copy.deepcopy(config)
+    c.train.seed += trial
+    c.data.seed += trial
+    return c
 
 
-def run(config, workdir: str, out=print) -> dict:
+def trial_dir(workdir: str, trial: int) -> str:
+    """Trial 0 lives in the workdir itself, so adding seeds later reuses the first run."""
+    return workdir if trial == 0 else os.path.join(workdir, f"trial{trial}")
+
+
+def compare(config, workdir: str, out=print) -> dict:
+    """Trains every trial's stages, scores every model on the same documents, and summarises with intervals."""
+    r = config.recipe
+    recipes = [Recipe(trial_config(config, i), trial_dir(workdir, i), out) for i in range(r.seeds)]
+    for i, recipe in enumerate(recipes):
+        if r.seeds > 1:
+            out(f"[recipe] trial {i + 1}/{r.seeds} (train.seed={recipe.config.train.seed}, "
+                f"data.seed={recipe.config.data.seed}) -> {recipe.workdir}")
+        recipe.run()
+    out(f"[recipe] eval: {'the whole held-out split' if not r.eval_tokens else f'{r.eval_tokens:,} tokens'} "
+        f"per domain; BTM weights calibrated on {r.calibration_tokens:,} training tokens per domain")
+    eval_sets = evaluate.load_eval_sets(config, max_tokens=r.eval_tokens)
+    calibration = evaluate.load_eval_sets(config, max_tokens=r.calibration_tokens, split="train")
+    scorer = compare_lib.Scorer()
+    trials = [compare_lib.score_trial(recipe, eval_sets, calibration, "btm" in _items(r.baselines), scorer, out)
+              for recipe in recipes]
+    results = summarise(config, recipes, trials, eval_sets)
+    save_scores(os.path.join(workdir, "report", "scores.npz"), trials)
+    return results
+
+
+def summarise(config, recipes, trials: list[dict], eval_sets: dict) -> dict:
+    """Point estimates, paired-bootstrap intervals, best-per-column, compute, drops and routing."""
+    domains = list(eval_sets)
+    train_domains = recipes[0].domains
+    names = list(trials[0])
+    scores = {name: [t[name]["scores"] for t in trials] for name in names}
+    reps = intervals.replicates(scores, domains, train_domains, num=config.recipe.bootstrap)
+    rows = []
+    for name in names:
+        first = trials[0][name]
+        stages = first["compute"]
+        row = {"model": name,
+               "ppl": {d: intervals.point(scores[name], d) for d in domains},
+               "interval": {d: intervals.interval(reps[name][d]) for d in domains},
+               "flops": float(np.mean([sum(rc.records[s]["flops"] for s in stages) for rc in recipes])),
+               "tokens": int(np.mean([sum(rc.records[s]["tokens"] for s in stages) for rc in recipes])),
+               "stages": stages}
+        row["avg_ppl"] = float(np.mean([row["ppl"][d] for d in train_domains]))
+        row["avg_interval"] = intervals.interval(reps[name]["avg"])
+        if first.get("drop"):
+            row["drop"] = {k: (None if any(t[name]["drop"][k] is None for t in trials)
+                               else float(np.mean([t[name]["drop"][k] for t in trials]))) for k in ("train", "eval")}
+        if "priors" in first:
+            row["priors"] = first["priors"]
+        rows.append(row)
+    best = {column: intervals.best(reps, column) for column in [*domains, "avg"]}
+    routing = {d: np.mean([t["BTX"]["routing"][d]["expert_usage"] for t in trials], axis=0).tolist() for d in domains}
+    return {"domains": domains, "train_domains": train_domains, "models": rows, "best": best, "routing": routing,
+            "trials": len(trials), "bootstrap": config.recipe.bootstrap,
+            "tokens_scored": {d: evaluate.scored_tokens(b) for d, b in eval_sets.items()},
+            "documents": {d: int(len(scores["seed"][0][d].nll)) for d in domains},
+            "calibration_tokens": config.recipe.calibration_tokens,
+            "stages": recipes[0].records}
+
+
+def save_scores(path: str, trials: list[dict]) -> None:
+    """Every model's per-document NLL and token counts, per trial and domain (to recompute any interval)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    arrays = {}
+    for i, trial in enumerate(trials):
+        for name, row in trial.items():
+            for domain, s in row["scores"].items():
+                arrays[f"{name}|{i}|{domain}|nll"] = s.nll
+                arrays[f"{name}|{i}|{domain}|tokens"] = s.tokens
+    np.savez_compressed(path, **arrays)
+
+
+def check(config) -> None:
+    """Recipe-specific config checks, before any work starts."""
     config_lib.validate(config)
+    r = config.recipe
     if not config.moe.num_experts:
         raise config_lib.ConfigError("moe.num_experts", "is 0", "set it to the number of domains (+1 with mix.seed_expert)")
     want = len(config.data.domains) + (1 if config.mix.seed_expert else 0)
@@ -315,12 +312,37 @@ def run(config, workdir: str, out=print) -> dict:
         raise config_lib.ConfigError("moe.num_experts", f"{config.moe.num_experts} experts but {len(config.data.domains)} "
                                      f"domains{' + the seed expert' if config.mix.seed_expert else ''}",
                                      f"set moe.num_experts={want}")
-    unknown = set(_items(config.recipe.baselines)) - {"dense", "btm", "upcycle"}
-    unknown |= set(_items(config.recipe.variants)) - {"top1", "no_load_balance", "random_router"}
+    unknown = set(_items(r.baselines)) - {"dense", "btm", "upcycle"}
+    unknown |= set(_items(r.variants)) - {"top1", "no_load_balance", "random_router"}
     if unknown:
         raise config_lib.ConfigError("recipe", f"unknown baselines/variants {sorted(unknown)}",
                                      "baselines: dense, btm, upcycle; variants: top1, no_load_balance, random_router")
-    return Recipe(config, workdir, out).run()
+    if r.seeds < 1:
+        raise config_lib.ConfigError("recipe.seeds", f"must be >= 1, got {r.seeds}", "use 1 (bootstrap only) or 3+")
+    if r.bootstrap < 100:
+        raise config_lib.ConfigError("recipe.bootstrap", f"{r.bootstrap} replicates are too few for a 95% interval",
+                                     "use 1000 (the default) or more")
+    if r.eval_tokens < 0 or r.calibration_tokens <= 0:
+        raise config_lib.ConfigError("recipe.eval_tokens", "eval_tokens must be >= 0 (0: the whole split) and "
+                                     "calibration_tokens > 0", "use e.g. eval_tokens=100000, calibration_tokens=20000")
+    stages = {"seed", "branch", "mix", "finetune", "baseline", "variant"}
+    for name in _items(r.rerun_from):
+        if name.split("/")[0] not in stages:
+            raise config_lib.ConfigError("recipe.rerun_from", f"unknown stage {name!r}",
+                                         "name a stage: seed, branch[/<domain>], mix, finetune, baseline/<name>, "
+                                         "variant/<name>")
+    sweep.parse(r.sweep)
+
+
+def run(config, workdir: str, out=print) -> dict:
+    """The comparison (or, with recipe.sweep, one comparison per sweep point) and its report."""
+    check(config)
+    workdir = os.path.abspath(workdir)
+    if config.recipe.sweep:
+        return sweep.run(config, workdir, compare, out)
+    results = compare(config, workdir, out)
+    report.write(os.path.join(workdir, "report"), results, workdir, out=out)
+    return results
 
 
 def _define_flags():

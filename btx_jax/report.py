@@ -10,17 +10,30 @@ import numpy as np
 from btx_jax.metrics import read_metrics
 
 
+def _cell(value: float, interval, bold: bool) -> str:
+    half = (interval[1] - interval[0]) / 2
+    text = f"{value:.3f} ±{half:.3f}"
+    return f"**{text}**" if bold else text
+
+
+def _drop(row: dict) -> str:
+    drop = row.get("drop")
+    if not drop:
+        return "-"
+    fmt = lambda v: "n/a" if v is None else f"{v:.1%}"  # noqa: E731
+    return f"{fmt(drop['train'])} / {fmt(drop['eval'])}"
+
+
 def _table(results: dict) -> tuple[list[str], list[list[str]]]:
-    domains, train_domains = results["domains"], results["train_domains"]
-    header = ["model", *domains, f"avg ({len(train_domains)} train domains)", "train FLOPs", "train tokens"]
-    best = {d: min(r["ppl"][d] for r in results["models"]) for d in domains}
-    best_avg = min(r["avg_ppl"] for r in results["models"])
+    domains, train_domains, best = results["domains"], results["train_domains"], results["best"]
+    header = ["model", *domains, f"avg ({len(train_domains)} train domains)", "dropped (train / eval)",
+              "train FLOPs", "train tokens"]
     rows = []
     for r in results["models"]:
         cells = [r["model"]]
-        cells += [f"**{r['ppl'][d]:.3f}**" if r["ppl"][d] == best[d] else f"{r['ppl'][d]:.3f}" for d in domains]
-        cells.append(f"**{r['avg_ppl']:.3f}**" if r["avg_ppl"] == best_avg else f"{r['avg_ppl']:.3f}")
-        cells += [f"{r['flops']:.3g}", f"{r['tokens']:,}"]
+        cells += [_cell(r["ppl"][d], r["interval"][d], best.get(d) == r["model"]) for d in domains]
+        cells.append(_cell(r["avg_ppl"], r["avg_interval"], best.get("avg") == r["model"]))
+        cells += [_drop(r), f"{r['flops']:.3g}", f"{r['tokens']:,}"]
         rows.append(cells)
     return header, rows
 
@@ -30,12 +43,22 @@ def markdown(results: dict) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     extra = [d for d in results["domains"] if d not in results["train_domains"]]
-    note = (f"\nHeld-out perplexity per domain (lower is better; best per column in bold). "
+    scored = ", ".join(f"{d} {results['tokens_scored'][d]:,} tokens in {results['documents'][d]:,} documents"
+                       for d in results["domains"])
+    trials = results["trials"]
+    note = (f"\nHeld-out perplexity per domain (lower is better), the mean over {trials} training "
+            f"seed{'s' if trials > 1 else ''} ± half the width of a 95% paired-bootstrap interval over eval documents"
+            f"{' and seeds' if trials > 1 else ''} ({results['bootstrap']} replicates). Bold: the model that beats every "
+            "other one in at least 97.5% of the replicates; a column without bold has no clear winner. "
+            f"Scored: {scored}. "
             f"{'Out-of-domain (never trained on): ' + ', '.join(extra) + '. ' if extra else ''}"
             "Compute: training FLOPs of every stage the model needed (6 x active params x tokens + attention); "
             "the dense and upcycling baselines were given BTX's compute after the seed; BTM uses the seed and "
-            "branches only (no finetuning). Sample-level routing sends each document to the one branch expert "
-            "with the highest domain posterior given the document so far.\n")
+            "branches only (no finetuning). MoE models are evaluated without capacity (dropless); 'dropped' is the "
+            "fraction of routing choices the capacity dropped in training and in this evaluation. The BTM ensemble's "
+            "prior is an EMA over the evaluation's earlier documents (as in BTM); the posterior-average weights are "
+            f"fitted on {results['calibration_tokens']:,} tokens of each domain's training split. Sample-level "
+            "routing sends each document to the one branch expert with the highest domain posterior so far.\n")
     return "\n".join(lines) + "\n" + note
 
 
@@ -106,7 +129,9 @@ def plots(report_dir: str, results: dict, workdir: str) -> dict:
     # perplexity vs compute
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for r in results["models"]:
-        ax.scatter(r["flops"] / 1e15, r["avg_ppl"])
+        low, high = r["avg_interval"]
+        ax.errorbar(r["flops"] / 1e15, r["avg_ppl"], yerr=[[r["avg_ppl"] - low], [high - r["avg_ppl"]]], fmt="o",
+                    capsize=3)
         ax.annotate(r["model"], (r["flops"] / 1e15, r["avg_ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("training compute (PFLOP)")
     ax.set_ylabel("average held-out perplexity (train domains)")
@@ -135,3 +160,51 @@ def write(report_dir: str, results: dict, workdir: str, out=print) -> None:
         tb.add_image(f"report/{name}", image, 0, dataformats="HWC")
     tb.close()
     out(f"[recipe] report: {report_dir}\n" + table)
+
+
+def write_sweep(report_dir: str, sweep: dict, models, out=print) -> None:
+    """The sweep's table (markdown) and sweep.png: average and per-domain perplexity against the swept value."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    knob, points = sweep["knob"], sweep["points"]
+    domains = points[0]["results"]["domains"]
+    columns = ["avg", *domains]
+    lines = [f"| {knob} | steps (seed / branch / finetune) | model | " + " | ".join(columns) + " |",
+             "|" + "---|" * (3 + len(columns))]
+    series = {m: {c: [] for c in columns} for m in models}
+    for p in points:
+        rows = {r["model"]: r for r in p["results"]["models"]}
+        steps = p["steps"]
+        for m in models:
+            if m not in rows:
+                continue
+            r = rows[m]
+            values = {"avg": (r["avg_ppl"], r["avg_interval"]), **{d: (r["ppl"][d], r["interval"][d]) for d in domains}}
+            best = p["results"]["best"]
+            cells = [_cell(v, i, best.get("avg" if c == "avg" else c) == m) for c, (v, i) in values.items()]
+            lines.append(f"| {p['value']:g} | {steps['seed_steps']} / {steps['branch_steps']} / "
+                         f"{steps['finetune_steps']} | {m} | " + " | ".join(cells) + " |")
+            for c, (v, i) in values.items():
+                series[m][c].append((p["value"], v, i[0], i[1]))
+    table = "\n".join(lines) + ("\n\nPerplexity ± half the 95% paired-bootstrap interval at each point of the sweep; "
+                                "the total training budget is the same at every point; bold: the clear winner of the "
+                                "column among all models of that point (see each point's report).\n")
+    with open(os.path.join(report_dir, "sweep.md"), "w") as f:
+        f.write(f"# BTX sweep over {knob}\n\n" + table)
+    fig, axes = plt.subplots(1, len(columns), figsize=(3.6 * len(columns), 3.6), squeeze=False)
+    for ax, c in zip(axes[0], columns):
+        for m in models:
+            if not series[m][c]:
+                continue
+            x, y, low, high = map(np.array, zip(*series[m][c]))
+            ax.errorbar(x, y, yerr=[y - low, high - y], marker="o", capsize=3, label=m)
+        ax.set_title("average (train domains)" if c == "avg" else c, fontsize=10)
+        ax.set_xlabel(knob.replace("_", " "))
+    axes[0][0].set_ylabel("held-out perplexity")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(report_dir, "sweep.png"), dpi=90)
+    plt.close(fig)
+    out(f"[recipe] sweep report: {report_dir}/sweep.md, sweep.png\n" + table)

@@ -88,5 +88,6 @@ def batch_shardings(mesh) -> dict:
 
 
 def to_global(batch: dict, shardings: dict) -> dict:
-    """This process's rows -> global jax.Arrays sharded over the batch axes."""
-    return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items()}
+    """This process's rows -> global jax.Arrays sharded over the batch axes (host-only keys such as
+    ``document`` stay behind)."""
+    return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items() if k in shardings}

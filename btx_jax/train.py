@@ -17,14 +17,13 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from btx_jax import checkpoint, config as config_lib, sharding, steps
+from btx_jax.evaluate import evaluate, load_eval_sets
 from btx_jax.data import pipeline
 from btx_jax.data.tokenizer import make_tokenizer
 from btx_jax.flops import job_peak_flops, matmul_params, train_flops_per_token
 from btx_jax.metrics import MetricsWriter
 from btx_jax.data.datasets import DataError
 from btx_jax.state import TrainSetup, init_params, make_setup, param_count, schedule
-
-
 
 # Errors caused by the user's input: printed as one clear message, exit status 2.
 USER_ERRORS = (config_lib.ConfigError, DataError, checkpoint.CheckpointError)
@@ -72,30 +71,6 @@ def initial_state(config, setup: TrainSetup, manager, data_iterator) -> tuple[di
               "(fresh optimizer, step 0)", flush=True)
         return setup.init_state(checkpoint.load_params(config.train.init_from, setup.abstract_params)), 0
     return setup.init_state(init_params(config, setup, config.train.seed)), 0
-
-
-def load_eval_sets(config) -> dict:
-    """Per-domain held-out batches, read once: every evaluation sees the same tokens."""
-    names = pipeline.domain_names(config.data) + sorted(config.data.eval_domains.keys())
-    sources = pipeline.open_sources(config.data, "eval", names)
-    return {name: pipeline.eval_batches(config.data, src, i, config.train.eval_batches,
-                                        jax.process_index(), jax.process_count())
-            for i, (name, src) in enumerate(sources.items())}
-
-
-def evaluate(eval_step, params, eval_sets: dict, batch_shardings) -> dict:
-    """eval/<domain>/{loss,ppl} and their averages over domains."""
-    out = {}
-    for name, batches in eval_sets.items():
-        nll, count = 0.0, 0.0
-        for batch in batches:
-            s, c = eval_step(params, steps.to_global(batch, batch_shardings))
-            nll, count = nll + float(s), count + float(c)
-        loss = nll / max(count, 1.0)
-        out[f"eval/{name}/loss"], out[f"eval/{name}/ppl"] = loss, float(np.exp(loss))
-    out["eval/avg_loss"] = float(np.mean([v for k, v in out.items() if k.endswith("/loss")]))
-    out["eval/avg_ppl"] = float(np.mean([v for k, v in out.items() if k.endswith("/ppl")]))
-    return out
 
 
 class Throughput:

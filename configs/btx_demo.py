@@ -18,7 +18,9 @@ from btx_jax.config import load_config
 def get_config(variant: str | None = None):
     here = os.path.dirname(os.path.abspath(__file__))
     c = load_config(os.path.join(here, "demo_moe.py") + (f":{variant}" if variant else ""))
-    c.moe.update(num_experts=4, top_k=2)
+    # dropless: a packed row holds one domain, so capacity would drop exactly the tokens that the
+    # domain's own expert should win; the MoE stages train without drops (evaluation never drops)
+    c.moe.update(num_experts=4, top_k=2, dispatcher="dropless")
     # never trained on: out-of-domain perplexity (Python documentation prose)
     c.data.eval_domains = ConfigDict({"docs": "demo:docs"})
     c.mix.update(seed_expert=True, router_init="centroid", policy="", centroid_batches=2)
@@ -28,4 +30,5 @@ def get_config(variant: str | None = None):
         c.train.update(log_every=2, eval_batches=1, checkpoint_every=4)
         c.recipe.update(seed_steps=6, branch_steps=3, finetune_steps=3, branch_warmup=1, finetune_warmup=1)
         c.mix.centroid_batches = 1
+        c.recipe.update(eval_tokens=1500, calibration_tokens=500, bootstrap=200)
     return c

@@ -363,7 +363,7 @@ def test_demo_corpus_builds_each_domain(tmp_path, monkeypatch):
         assert not set(train) & set(evals)
         corpus[domain] = train + evals
     assert sorted(calls) == sorted((d, s) for d in ("code", "math", "prose") for s in ("train", "eval"))
-    assert os.path.isdir(os.path.join(data_dir, "btx_demo", "math", "1.1.0"))
+    assert os.path.isdir(os.path.join(data_dir, "btx_demo", "math", str(datasets.DemoCorpus.VERSION)))
 
     code_like = [t for t in corpus["code"] if re.search(r"^\s*(def |class |import |from \S+ import )", t, re.M)]
     assert len(code_like) >= 0.5 * len(corpus["code"])

@@ -14,6 +14,7 @@ import pytest
 from btx_jax import checkpoint, mix, steps, train
 from btx_jax.config import load_config
 from btx_jax.metrics import read_metrics
+from btx_jax.models import router as router_lib
 from btx_jax.state import init_params, make_setup
 from helpers import mesh_of, random_batch, tiny_config
 
@@ -104,6 +105,25 @@ def test_upcycling_copies_with_noise(sources, tmp_path):
         diff = stacked[:, e] - want
         assert 0.005 < diff.std() / want.std() < 0.02  # small noise, different for every copy
     np.testing.assert_array_equal(got["layers"]["attn"]["q"]["kernel"], seed["layers"]["attn"]["q"]["kernel"])
+
+
+def test_zeros_router_is_uniform_and_spreads_choices(sources, tmp_path):
+    """router_init=zeros: probabilities ~1/E, yet the top-k choices spread over all experts (an exact
+    zero kernel ties every probability and top_k's tie-break sends every token to experts 0 and 1)."""
+    root, _, _ = sources
+    config = mix_config(root, tmp_path / "out", router_init="zeros")
+    mix.run(config)
+    kernel = load_merged(config, tmp_path / "out")["layers"]["moe"]["router"]["kernel"]  # [L, D, E]
+    layers, d, num_experts = kernel.shape
+    top_k = config.moe.top_k
+    assert (num_experts, top_k) == (4, 2)
+    x = np.random.default_rng(0).normal(size=(16, 128, d)).astype(np.float32)  # unit-RMS, like normed hidden states
+    for layer in range(layers):
+        routing = router_lib.route(jnp.asarray(x), jnp.asarray(kernel[layer]), jnp.ones(x.shape[:2], bool),
+                                   top_k=top_k, renormalize=True)
+        np.testing.assert_allclose(np.asarray(routing.probs), 1.0 / num_experts, atol=1e-3)
+        share = np.bincount(np.asarray(routing.experts).ravel(), minlength=num_experts) / routing.experts.size
+        assert np.all((0.5 / num_experts < share) & (share < 2.0 / num_experts)), (layer, share)
 
 
 @pytest.mark.parametrize("router_init,every", [("normal", 1), ("zeros", 1), ("centroid", 1), ("normal", 2)])

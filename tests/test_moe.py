@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from btx_jax import sharding
+from btx_jax import sharding, steps
 from btx_jax.models import router as router_lib
 from btx_jax.models.grouped_ffn import grouped_ffn
 from btx_jax.models.moe import MoE, MoEConfig
 from btx_jax.models.transformer import MLP, TransformerConfig
-from helpers import mesh_of
+from btx_jax.state import init_params, make_setup
+from helpers import mesh_of, random_batch, tiny_config
 
 E, K, D, F = 8, 2, 32, 48
 B, T, S = 8, 32, 16  # rows, tokens per row, tokens per routing group
@@ -33,7 +34,8 @@ def get_mesh(name):
 def moe_config(dispatcher, capacity_factor=8.0, **overrides):
     """capacity_factor=8 gives capacity >= S: nothing can be dropped. `dispatcher` may name an impl: 'dropless-native'."""
     dispatcher, _, impl = dispatcher.partition("-")
-    return MoEConfig(num_experts=E, top_k=K, dispatcher=dispatcher, group_size=S, train_capacity_factor=capacity_factor,
+    overrides = {"top_k": K, **overrides}
+    return MoEConfig(num_experts=E, dispatcher=dispatcher, group_size=S, train_capacity_factor=capacity_factor,
                      eval_capacity_factor=capacity_factor, grouped_impl=impl or "auto", grouped_block=4, **overrides)
 
 
@@ -105,8 +107,10 @@ def test_dispatcher_matches_reference(dispatcher, mesh_name):
         assert_close(aux[name], aux_ref[name], rtol=1e-5)
 
 
-def numpy_routing(x, params, capacity, priority="token", seg=None):
-    """An independent routing policy written as loops: returns gates [N, E] after drops, per group."""
+def numpy_routing(x, params, capacity, priority="token", seg=None, k=K):
+    """An independent routing policy written as loops: returns gates [N, E] after drops, per group.
+
+    Gates: top-1 uses the router probability itself (Switch); top-k (k > 1) renormalizes."""
     g_count = B * T // S
     xs = x.reshape(g_count, S, D).astype(np.float64)
     mask = np.ones((g_count, S), bool) if seg is None else seg.reshape(g_count, S) != 0
@@ -115,14 +119,15 @@ def numpy_routing(x, params, capacity, priority="token", seg=None):
     probs /= probs.sum(-1, keepdims=True)
     gates = np.zeros((g_count, S, E))
     for g in range(g_count):
-        top = np.argsort(-probs[g], axis=-1, kind="stable")[:, :K]
+        top = np.argsort(-probs[g], axis=-1, kind="stable")[:, :k]
         w = np.take_along_axis(probs[g], top, axis=-1)
-        w /= w.sum(-1, keepdims=True)
+        if k > 1:
+            w /= w.sum(-1, keepdims=True)
         tokens = [s for s in range(S) if mask[g, s]]
         if priority == "confidence":
             tokens = sorted(tokens, key=lambda s: -probs[g, s].max())
         load = np.zeros(E, int)
-        for j in range(K):  # all first choices, then all second choices
+        for j in range(k):  # all first choices, then all second choices
             for s in tokens:
                 e = top[s, j]
                 if load[e] < capacity:
@@ -178,6 +183,19 @@ def test_drops_match_numpy_policy(dispatcher, mesh_name, priority):
     assert np.all(np.asarray(y)[fully_dropped] == 0.0)  # nothing added: these pass through the residual
 
 
+@pytest.mark.parametrize("dispatcher", ["reference", *DISPATCHERS])
+def test_top1_gate_is_router_probability(dispatcher):
+    """top_k=1 (renormalize on): y = p_top1 * FFN_top1(x), as in Switch, not the bare FFN output."""
+    x, seg, params = inputs(0)
+    y, aux, grads = run_moe(moe_config(dispatcher, top_k=1), "d2e4")
+    gates, probs, mask = numpy_routing(x, params, capacity=10**6, seg=seg, k=1)
+    assert float(aux["dropped_fraction"]) == 0.0
+    np.testing.assert_allclose(gates.max(-1)[mask], probs.max(-1)[mask], rtol=1e-12)
+    assert np.mean(gates.max(-1)[mask]) < 0.9  # far from the renormalized gate 1
+    assert_close(y, numpy_moe(x, params, gates))
+    assert np.linalg.norm(grads["router"]) > 1e-3 * np.linalg.norm(grads["gate"])
+
+
 def test_aux_values_match_numpy():
     """Load-balancing loss, z-loss, usage, entropy and confidence against their formulas in numpy."""
     x, seg, params = inputs(0)
@@ -196,9 +214,11 @@ def test_aux_values_match_numpy():
     np.testing.assert_allclose(aux["router_confidence"], (probs.max(-1) * m).sum() / n, rtol=1e-5)
 
 
+@pytest.mark.parametrize("top_k", [1, 2])
 @pytest.mark.parametrize("dispatcher", ["reference", *DISPATCHERS])
-def test_upcycling_identity(dispatcher):
-    """E copies of one dense FFN with renormalized top-k weights reproduce the dense FFN, whatever the router."""
+def test_upcycling_identity(dispatcher, top_k):
+    """E copies of one dense FFN with renormalized top-k weights (k >= 2) reproduce the dense FFN,
+    whatever the router; with top-1 the gate is the router probability, so the output is p * FFN."""
     x, _, params = inputs(2)
     tcfg = TransformerConfig(vocab_size=16, d_model=D, num_layers=1, num_heads=2, num_kv_heads=2, head_dim=16,
                              mlp_dim=F)
@@ -208,11 +228,38 @@ def test_upcycling_identity(dispatcher):
         copies = {"router": params["router"],
                   **{n: np.repeat(np.asarray(getattr(mlp, n).kernel[...])[None], E, axis=0) for n in ("gate", "up", "down")}}
     with sharding.use_mesh(get_mesh("d2e4")):
-        model = MoE(moe_config(dispatcher), D, F, std=0.02, param_dtype="float32", dtype="float32", rngs=nnx.Rngs(0))
+        model = MoE(moe_config(dispatcher, top_k=top_k), D, F, std=0.02, param_dtype="float32", dtype="float32",
+                    rngs=nnx.Rngs(0))
         set_params(model, copies)
         y, aux = nnx.jit(lambda m, x: m(x, jnp.ones((B, T), jnp.int32)))(model, jnp.asarray(x))
     assert float(aux["dropped_fraction"]) == 0.0
+    if top_k == 1:
+        _, probs, _ = numpy_routing(x, params, capacity=10**6, k=1)
+        dense = probs.max(-1, keepdims=True) * dense
     assert_close(jax.device_get(y), dense)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_router_gets_lm_loss_gradient(top_k):
+    """With the router losses off, the LM loss alone trains the router, for top-1 as for top-2
+    (renormalize on: a top-1 gate p / p == 1 would have no gradient)."""
+    config = tiny_config()
+    config.moe.update(num_experts=4, top_k=top_k, group_size=16, renormalize=True, load_balance_weight=0.0,
+                      router_z_weight=0.0)
+    mesh = mesh_of(jax.devices()[:1])
+    setup = make_setup(config, mesh)
+    params = init_params(config, setup, seed=0)
+    batch = steps.to_global(random_batch(config), steps.batch_shardings(mesh))
+
+    def loss_fn(p, b, rng):  # the train step's loss
+        logits, aux = steps.forward(setup.graphdef, p, b, train=True, rng=rng)
+        router_loss, _ = steps.moe_loss(aux, config.moe)
+        return steps.lm_loss(logits, b, config.optim.z_loss)[0] + router_loss
+
+    grads = jax.device_get(steps._under_mesh(jax.jit(jax.grad(loss_fn)), mesh)(params, batch, jax.random.key(0)))
+    router = np.linalg.norm(grads["layers"]["moe"]["router"]["kernel"])
+    total = np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree.leaves(grads)))
+    assert router > 1e-4 * total, (router, total)  # ~3e-3 (top-1) and ~6e-3 (top-2); a top-1 gate of 1: ~6e-10
 
 
 def test_train_mode_uses_train_capacity_and_jitter():

@@ -40,9 +40,12 @@ class DemoCorpus(tfds.core.GeneratorBasedBuilder):
     """The demo corpus: one config per domain (code, math, prose, docs)."""
 
     name = "btx_demo"
-    VERSION = tfds.core.Version("1.1.0")
+    VERSION = tfds.core.Version("1.2.0")
     RELEASE_NOTES = {"1.0.0": "code, math, prose.",
-                     "1.1.0": "docs (the documentation's help topics); pydoc_data left out of code."}
+                     "1.1.0": "docs (the documentation's help topics); pydoc_data left out of code.",
+                     "1.2.0": "code and docs split by family of near duplicates (e.g. the codec tables, "
+                              "a topic and the chapter containing it), so no eval source is a near copy "
+                              "of a training one."}
     BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=d, description=demo_sources.PROVENANCE[d])
                        for d in demo_sources.DOMAINS]
 

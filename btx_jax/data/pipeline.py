@@ -7,7 +7,9 @@ documents) and every row holds one domain, which later lets routing be analysed 
 A packed row has ``seq_len + 1`` tokens; the model reads the first ``seq_len`` and predicts
 the last ``seq_len``. Batches are dicts of numpy arrays:
   inputs, targets, segment_ids, positions: int32 [B, T];  loss_mask: float32 [B, T];
-  domain: int32 [B] (index into the sorted domain names).
+  domain: int32 [B] (index into the sorted domain names);
+  eval batches also: document: int32 [B, T], 1 + the source index of the document each input
+  token comes from (0: padding), so scores can be summed per document (bootstrap intervals).
 """
 from __future__ import annotations
 
@@ -27,7 +29,11 @@ class ChunkDocuments(grain.experimental.FlatMapTransform):
 
     def flat_map(self, record):
         ids = encode_document(self.tokenizer, record["text"])[: self.chunk_len * self.max_fan_out]
-        return [{"tokens": ids[i:i + self.chunk_len]} for i in range(0, len(ids), self.chunk_len)]
+        chunks = [{"tokens": ids[i:i + self.chunk_len]} for i in range(0, len(ids), self.chunk_len)]
+        if "document" in record:  # eval: carry the document's id through packing
+            for chunk in chunks:
+                chunk["document"] = np.full(len(chunk["tokens"]), record["document"], np.int32)
+        return chunks
 
 
 def to_model_batch(rows: dict) -> dict:
@@ -38,21 +44,27 @@ def to_model_batch(rows: dict) -> dict:
     """
     tokens, seg, pos = rows["tokens"], rows["tokens_segment_ids"], rows["tokens_positions"]
     mask = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0)
-    return {
+    batch = {
         "inputs": tokens[:, :-1].astype(np.int32), "targets": tokens[:, 1:].astype(np.int32),
         "segment_ids": seg[:, :-1].astype(np.int32), "positions": pos[:, :-1].astype(np.int32),
         "loss_mask": mask.astype(np.float32), "domain": rows["domain"][:, 0].astype(np.int32),
     }
+    if "document" in rows:
+        batch["document"] = np.where(seg[:, :-1] != 0, rows["document"][:, :-1] + 1, 0).astype(np.int32)
+    return batch
 
 
-def _packed_rows(ds: grain.IterDataset, data_config, tokenizer, domain_index: int, *, shuffle: bool):
+def _packed_rows(ds: grain.IterDataset, data_config, tokenizer, domain_index: int, *, shuffle: bool,
+                 documents: bool = False):
     row_len = data_config.seq_len + 1
     ds = grain.experimental.FlatMapIterDataset(
         ds, ChunkDocuments(tokenizer, row_len, data_config.max_chunks_per_doc))
+    lengths = {"tokens": row_len, **({"document": row_len} if documents else {})}
     ds = grain.experimental.FirstFitPackIterDataset(
-        ds, length_struct={"tokens": row_len}, num_packing_bins=data_config.packing_bins or data_config.batch_size,
+        ds, length_struct=lengths, num_packing_bins=data_config.packing_bins or data_config.batch_size,
         seed=data_config.seed + domain_index, shuffle_bins=shuffle)
-    return ds.map(lambda row: {**row, "domain": np.full((row_len,), domain_index, np.int32)})
+    return ds.map(lambda row: {**{k: v for k, v in row.items() if not k.startswith("document_")},
+                               "domain": np.full((row_len,), domain_index, np.int32)})
 
 
 def domain_names(data_config) -> list[str]:
@@ -84,20 +96,26 @@ def train_iterator(data_config, sources: dict, process_index: int = 0, process_c
     return iter(ds)
 
 
-def eval_batches(data_config, source, domain_index: int, num_batches: int, process_index=0, process_count=1):
-    """The first `num_batches` packed batches of a held-out split: the same every time."""
+def eval_batches(data_config, source, domain_index: int, num_batches: int | None = None, process_index=0,
+                 process_count=1, *, max_tokens: int | None = None) -> list[dict]:
+    """Packed batches of a held-out split, in source order: the same every time.
+
+    Stops after `num_batches` batches, or once the batches score at least `max_tokens` targets
+    (loss-mask tokens), or at the end of the split, whichever comes first (None: no limit).
+    Batches carry ``document`` ids so that scores can be summed per document.
+    """
     tokenizer = make_tokenizer(data_config)
-    ds = grain.MapDataset.source(source)[process_index::process_count].to_iter_dataset()
-    ds = _packed_rows(ds, data_config, tokenizer, domain_index, shuffle=False)
+    ds = grain.MapDataset.source(source).map_with_index(lambda i, record: {**record, "document": i})
+    ds = ds[process_index::process_count].to_iter_dataset()
+    ds = _packed_rows(ds, data_config, tokenizer, domain_index, shuffle=False, documents=True)
     ds = ds.batch(data_config.batch_size // process_count, drop_remainder=False).map(to_model_batch)
-    batches = []
+    batches, scored = [], 0.0
     for batch in ds:
         batches.append(_pad_rows(batch, data_config.batch_size // process_count))
-        if len(batches) == num_batches:
+        scored += float(batch["loss_mask"].sum())
+        if len(batches) == num_batches or (max_tokens is not None and scored >= max_tokens):
             break
     return batches
-
-
 def _pad_rows(batch: dict, rows: int) -> dict:
     """Pads a short final batch with empty rows (segment 0, no loss) to the static batch shape."""
     missing = rows - batch["inputs"].shape[0]

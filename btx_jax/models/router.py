@@ -19,7 +19,7 @@ class Routing:
     """The router's decision for every token of every group."""
 
     experts: jax.Array   # [G, S, K] int32, chosen experts, best first
-    weights: jax.Array   # [G, S, K] float32 gate values (renormalized when configured)
+    weights: jax.Array   # [G, S, K] float32 gate values: top-1 the router probability, top-k renormalized when configured
     mask: jax.Array      # [G, S] bool, False for padding tokens (never routed)
     probs: jax.Array     # [G, S, E] float32 softmax over experts
     logits: jax.Array    # [G, S, E] float32
@@ -30,14 +30,21 @@ jax.tree_util.register_dataclass(Routing, data_fields=["experts", "weights", "ma
 
 def route(x: jax.Array, kernel: jax.Array, mask: jax.Array, *, top_k: int, renormalize: bool,
           jitter: float = 0.0, rng: jax.Array | None = None) -> Routing:
-    """x [G, S, D] -> top-k experts. The router is computed in float32 whatever the compute dtype."""
+    """x [G, S, D] -> top-k experts. The router is computed in float32 whatever the compute dtype.
+
+    Gates: for top_k == 1 the gate is the router probability p itself, whatever `renormalize`
+    (Switch Transformer): renormalizing one weight would make it p / p = 1, a constant through
+    which the LM loss gives the router no gradient. For top_k > 1 with `renormalize` the top-k
+    probabilities are divided by their sum (so an MoE whose experts are copies of one FFN equals
+    that FFN; with top-1 it gives p * FFN), otherwise they are the raw probabilities.
+    """
     x32 = x.astype(jnp.float32)
     if jitter > 0.0:
         x32 = x32 * jax.random.uniform(rng, x32.shape, jnp.float32, 1.0 - jitter, 1.0 + jitter)
     logits = jnp.einsum("gsd,de->gse", x32, kernel.astype(jnp.float32))
     probs = jax.nn.softmax(logits, axis=-1)
     weights, experts = jax.lax.top_k(probs, top_k)
-    if renormalize:
+    if renormalize and top_k > 1:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     return Routing(experts.astype(jnp.int32), weights, mask, probs, logits)
 

@@ -1,0 +1,138 @@
+"""The recipe's stage bookkeeping: which stages are done, and whether what was done is still what is asked.
+
+A stage is identified by a *fingerprint*: a hash of the config fields that decide its result
+(cosmetic fields such as logging intervals left out) and of the runs it starts from (each
+input's ``run_id``, which is new every time that stage finishes). So a stage re-runs when its
+own config changed or when any stage upstream of it re-ran, and everything downstream follows.
+
+Layout: ``<workdir>/<stage>/stage.json`` marks a finished stage (fingerprint, inputs, the config
+fields that went into the fingerprint, compute); ``fingerprint.json`` is written when a stage
+starts, so an interrupted stage resumes only under the config it started with. A stage whose
+fingerprint no longer matches is moved to ``<stage>.previous/`` (never silently deleted) and
+run again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+
+from etils import epath
+
+# Fields that change how a stage reports, not what it computes.
+COSMETIC = {
+    "train": ("log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "peak_flops",
+              "init_from"),  # init_from: a path; what it points to is fingerprinted as an input
+    "mix": ("output",  "experts", "seed"),  # paths too; their stages are inputs
+    "mesh": (),  # the mesh changes the layout, not the numbers (up to float rounding)
+}
+
+
+def flatten(tree, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def relevant_config(config, sections: tuple[str, ...]) -> dict:
+    """The flattened fields of `sections` that decide a stage's result."""
+    tree = json.loads(config.to_json())
+    kept = {}
+    for section in sections:
+        if section == "mesh":
+            continue
+        fields = {k: v for k, v in tree[section].items() if k not in COSMETIC.get(section, ())}
+        kept.update(flatten(fields, f"{section}."))
+    return kept
+
+
+def fingerprint(fields: dict, inputs: dict[str, str]) -> str:
+    blob = json.dumps({"config": fields, "inputs": inputs}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def describe_change(old: dict, new_fields: dict, new_inputs: dict) -> str:
+    """A short human description of why a stage's fingerprint changed."""
+    if "fingerprint" not in old:
+        return "it was recorded without a fingerprint (an older version)"
+    before = old.get("config", {})
+    changed = [f"{k}: {before.get(k, '<unset>')!r} -> {new_fields.get(k, '<unset>')!r}"
+               for k in sorted(set(before) | set(new_fields)) if before.get(k) != new_fields.get(k)]
+    reran = sorted(s for s in set(old.get("inputs", {})) | set(new_inputs)
+                   if old.get("inputs", {}).get(s) != new_inputs.get(s))
+    parts = []
+    if changed:
+        parts.append("config changed (" + "; ".join(changed[:6]) + (" ..." if len(changed) > 6 else "") + ")")
+    if reran:
+        parts.append("its inputs re-ran (" + ", ".join(reran) + ")")
+    return " and ".join(parts) or "its fingerprint changed"
+
+
+class StageStore:
+    """Finished-stage records under a workdir, checked against the fingerprint each stage has now."""
+
+    def __init__(self, workdir, out=print, rerun_from: str = ""):
+        self.workdir, self.out = epath.Path(workdir), out
+        self.rerun_from = [s.strip() for s in rerun_from.split(",") if s.strip()]
+        self.records: dict[str, dict] = {}
+        self._forced_done: set[str] = set()
+        self._pending: dict[str, dict] = {}
+
+    def path(self, stage: str) -> epath.Path:
+        return self.workdir / stage
+
+    def _read(self, stage: str, name: str) -> dict | None:
+        marker = self.path(stage) / name
+        return json.loads(marker.read_text()) if marker.exists() else None
+
+    def _forced(self, stage: str) -> bool:
+        return stage not in self._forced_done and any(
+            stage == name or stage.startswith(name.rstrip("/") + "/") for name in self.rerun_from)
+
+    def begin(self, stage: str, fields: dict, inputs: list[str]) -> dict | None:
+        """The finished record if the stage is done under this fingerprint; otherwise prepares a (re)run
+        (moving a stale run aside) and returns None."""
+        input_ids = {s: self.records[s]["run_id"] for s in inputs}
+        fp = fingerprint(fields, input_ids)
+        done = self._read(stage, "stage.json")
+        started = self._read(stage, "fingerprint.json")
+        stale = None
+        if self._forced(stage):
+            stale = "recipe.rerun_from asks for it"
+            self._forced_done.add(stage)
+        elif done is not None and done.get("fingerprint") != fp:
+            stale = describe_change(done, fields, input_ids)
+        elif done is None and started is not None and started.get("fingerprint") != fp:
+            stale = "its interrupted run " + describe_change(started, fields, input_ids)
+        if stale is None and done is not None:
+            self.out(f"[recipe] {stage}: done, skipping")
+            self.records[stage] = done
+            return done
+        if stale is not None and self.path(stage).exists():
+            previous = self.workdir / f"{stage}.previous"
+            if previous.exists():
+                previous.rmtree()
+            self.path(stage).rename(previous)
+            self.out(f"[recipe] {stage}: re-running because {stale}; the old run is in {previous}")
+        self.path(stage).mkdir(parents=True, exist_ok=True)
+        record = {"fingerprint": fp, "inputs": input_ids, "config": fields}
+        _write_json(self.path(stage) / "fingerprint.json", record)
+        self._pending[stage] = record
+        return None
+
+    def finish(self, stage: str, record: dict) -> dict:
+        record = {**record, **self._pending.pop(stage), "run_id": uuid.uuid4().hex[:12]}
+        _write_json(self.path(stage) / "stage.json", record)
+        self.records[stage] = record
+        return record
+
+
+def _write_json(path: epath.Path, obj) -> None:
+    """Written under a temporary name and renamed, so a reader never sees half a file."""
+    tmp = path.parent / (path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    tmp.rename(path)
