@@ -9,8 +9,8 @@ one MoE checkpoint that ``btx_jax.train --config.train.init_from=<output>`` fine
 - every other parameter is merged by the first matching (regex -> rule) of ``mix.policy``:
   mean (default), weighted:w1,...,wN, seed, source:i;
 - the router is new: normal(std), zeros (near-uniform: normal(std * 1e-3), see ``initial_router``),
-  or centroid (each expert's column is the mean hidden
-  state, at that layer, of its own domain's tokens under the merged model).
+  or centroid (each expert's column is the mean hidden state, at that layer, of its own domain's
+  tokens under the merged model).
 
 It streams: one target leaf at a time is read from each source (partial restore), merged on
 the host and written (Orbax partial save), so host memory is bounded by the largest merged leaf

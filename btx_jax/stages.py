@@ -135,4 +135,4 @@ def _write_json(path: epath.Path, obj) -> None:
     """Written under a temporary name and renamed, so a reader never sees half a file."""
     tmp = path.parent / (path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1, default=str))
-    tmp.rename(path)
+    tmp.replace(path)

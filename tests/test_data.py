@@ -394,3 +394,26 @@ def test_build_all_counts_files_domains(tmp_path):
     assert config.build_if_missing is False
     sources = pipeline.open_sources(config, "eval", ["a", "b", "held"])
     assert {n: len(s) for n, s in sources.items()} == {n: c["eval"] for n, c in counts.items()}
+
+
+def test_eval_token_budget_and_document_ids(two_domains):
+    """max_tokens: the shortest prefix of batches that scores the budget; every scored token names its
+    document (1 + its index in the split), and the documents' texts are the split's own, in order."""
+    config, _, _ = two_domains
+    source = pipeline.open_sources(config, "eval")["a"]
+    whole = pipeline.eval_batches(config, source, 0)
+    total = sum(b["loss_mask"].sum() for b in whole)
+    budget = int(total // 3)
+    some = pipeline.eval_batches(config, source, 0, max_tokens=budget)
+    scored = [b["loss_mask"].sum() for b in some]
+    assert sum(scored) >= budget > sum(scored[:-1])
+    _assert_batches_equal(some, whole[:len(some)])
+    docs = np.concatenate([b["document"][b["segment_ids"] > 0] for b in whole])
+    assert docs.min() >= 1 and set(np.unique(docs)) == set(range(1, len(source) + 1))
+    assert np.all((whole[0]["document"] == 0) == (whole[0]["segment_ids"] == 0))
+    batch = whole[0]
+    for row in range(batch["inputs"].shape[0]):
+        for seg in np.unique(batch["segment_ids"][row][batch["segment_ids"][row] > 0]):
+            (doc,) = np.unique(batch["document"][row][batch["segment_ids"][row] == seg])
+            text = source[int(doc) - 1]["text"].decode()
+            assert text in row_documents(batch, row)

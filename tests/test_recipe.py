@@ -3,6 +3,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 
 from btx_jax import recipe
@@ -38,16 +39,59 @@ def test_every_stage_runs_and_the_report_is_written(finished):
                      "sparse upcycling", "BTX top1", "BTX no load balance", "BTX random router", "BTM ensemble",
                      "sample-level routing (top-1 expert)", "BTM uniform average", "BTM posterior average"]
     for name in ("results.md", "results.csv", "results.json", "loss_curves.png", "routing.png", "expert_usage.png",
-                 "ppl_vs_compute.png"):
+                 "ppl_vs_compute.png", "scores.npz"):
         assert os.path.getsize(workdir / "report" / name) > 0, name
     assert os.listdir(workdir / "report" / "tensorboard")
     table = (workdir / "report" / "results.md").read_text()
-    assert "| BTX |" in table and "**" in table
+    assert "| BTX |" in table and " ±" in table and "95% paired-bootstrap interval" in table
     routing = results["routing"]
     assert results["domains"] == ["code", "math", "prose", "docs"]  # docs: out of domain, never trained on
     assert set(routing) == {"code", "math", "prose", "docs"} and [len(u) for u in routing["code"]] == [4, 4]  # 2 layers x 4 experts
     for model in results["models"]:
         assert all(1.0 < p < 400 for p in model["ppl"].values())
+        for d, (low, high) in model["interval"].items():
+            assert low <= model["ppl"][d] * 1.001 and high >= model["ppl"][d] * 0.999
+    assert results["best"]["avg"] in (None, *names)
+
+
+def test_eval_scores_the_token_budget_of_every_domain_without_drops(finished):
+    """At least recipe.eval_tokens targets per domain (or the whole split), stated in the report; MoE
+    models are evaluated dropless and their drop fractions are reported."""
+    workdir, results, _ = finished
+    budget = tiny("unused").recipe.eval_tokens
+    for domain, tokens in results["tokens_scored"].items():
+        assert tokens >= budget, domain
+    table = (workdir / "report" / "results.md").read_text()
+    assert all(f"{d} {results['tokens_scored'][d]:,} tokens" in table for d in results["domains"])
+    rows = {r["model"]: r for r in results["models"]}
+    for name in ("BTX", "sparse upcycling", "BTX top1"):
+        assert rows[name]["drop"] == {"train": 0.0, "eval": 0.0}  # the demo's MoE stages are dropless
+    assert "drop" not in rows["seed"]
+    assert "0.0% / 0.0%" in table
+
+
+def test_eval_never_drops_even_when_training_used_capacity(demo_data_dir, tmp_path):
+    config = tiny(demo_data_dir)
+    config.moe.update(dispatcher="einsum", train_capacity_factor=0.5)
+    run = recipe.Recipe(config, str(tmp_path))
+    for name in ("finetune", "baseline/upcycle", "variant/top1"):
+        run.store.records[name] = {}
+    moe_models = [m for m in run.models() if m["config"].moe.num_experts]
+    assert len(moe_models) == 3 and all(m["config"].moe.dispatcher == "dropless" for m in moe_models)
+
+
+def test_train_drop_fraction_reads_the_stage_metrics(tmp_path):
+    from btx_jax.compare import train_drop_fraction
+    from btx_jax.metrics import MetricsWriter
+
+    writer = MetricsWriter(str(tmp_path))
+    writer.scalars(1, {"loss": 1.0})
+    writer.close()
+    assert train_drop_fraction(str(tmp_path)) is None
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 2, "moe/dropped_fraction": [0.1, 0.3]}) + "\n")
+        f.write(json.dumps({"step": 3, "moe/dropped_fraction": [0.0, 0.2]}) + "\n")
+    assert abs(train_drop_fraction(str(tmp_path)) - 0.15) < 1e-9
 
 
 def test_baselines_get_btx_compute(finished):
@@ -76,19 +120,81 @@ def test_compute_accounting_matches_a_hand_count(demo_data_dir):
     assert m.num_layers == 2
 
 
-def test_rerun_skips_finished_stages_and_resumes_an_interrupted_one(finished, demo_data_dir):
-    """Without its stage.json and last checkpoint, the seed resumes from step 4; everything else is skipped."""
-    workdir, _, _ = finished
-    os.remove(workdir / "seed" / "stage.json")
-    shutil.rmtree(workdir / "seed" / "checkpoints" / "6")
+def test_rerun_skips_finished_stages_and_resumes_an_interrupted_one(finished, demo_data_dir, tmp_path):
+    """Without its stage.json and last checkpoint, baseline/dense resumes from step 12; the rest is skipped."""
+    workdir = tmp_path / "btx"
+    shutil.copytree(finished[0], workdir)
+    os.remove(workdir / "baseline" / "dense" / "stage.json")
+    shutil.rmtree(workdir / "baseline" / "dense" / "checkpoints" / "13")
     lines = []
-    recipe.run(tiny(demo_data_dir), str(workdir), out=lines.append)
+    recipe.Recipe(tiny(demo_data_dir), str(workdir), out=lines.append).run()
     text = "\n".join(lines)
-    assert "seed: training 6 steps" in text
-    for stage in ("branch/code", "mix", "finetune", "baseline/dense", "variant/random_router"):
+    assert "baseline/dense: training 13 steps" in text and "re-running" not in text
+    for stage in ("seed", "branch/code", "mix", "finetune", "baseline/upcycle", "variant/random_router"):
         assert f"{stage}: done, skipping" in text
-    assert json.load(open(workdir / "seed" / "stage.json"))["steps"] == 6
-    assert os.path.isdir(workdir / "seed" / "checkpoints" / "6")
+    assert json.load(open(workdir / "baseline" / "dense" / "stage.json"))["steps"] == 13
+    assert os.path.isdir(workdir / "baseline" / "dense" / "checkpoints" / "13")
+
+
+def test_a_changed_stage_reruns_with_everything_downstream(finished, demo_data_dir, tmp_path):
+    """stage.json records a fingerprint of the stage's config and inputs: a changed finetune re-runs (the
+    old run kept aside), the stages before it are reused; recipe.rerun_from forces a stage and what follows."""
+    workdir = tmp_path / "btx"
+    shutil.copytree(finished[0], workdir)
+    config = tiny(demo_data_dir)
+    config.recipe.update(finetune_steps=4, baselines="", variants="")
+    lines = []
+    recipe.Recipe(config, str(workdir), out=lines.append).run()
+    text = "\n".join(lines)
+    for stage in ("seed", "branch/code", "branch/math", "branch/prose", "mix"):
+        assert f"{stage}: done, skipping" in text
+    assert "finetune: re-running because config changed (train.steps: 3 -> 4)" in text
+    assert json.load(open(workdir / "finetune" / "stage.json"))["steps"] == 4
+    assert json.load(open(workdir / "finetune.previous" / "stage.json"))["steps"] == 3
+
+    config.recipe.rerun_from = "mix"
+    lines = []
+    recipe.Recipe(config, str(workdir), out=lines.append).run()
+    text = "\n".join(lines)
+    assert "mix: re-running because recipe.rerun_from asks for it" in text
+    assert "finetune: re-running because its inputs re-ran (mix)" in text
+    assert "seed: done, skipping" in text
+
+
+def test_an_interrupted_stage_does_not_resume_under_another_config(finished, demo_data_dir, tmp_path):
+    """The finetune was interrupted after its last checkpoint; with another lr it starts afresh instead of resuming."""
+    workdir = tmp_path / "btx"
+    shutil.copytree(finished[0], workdir)
+    os.remove(workdir / "finetune" / "stage.json")
+    config = tiny(demo_data_dir)
+    config.recipe.update(baselines="", variants="", finetune_lr=5e-4)
+    lines = []
+    recipe.Recipe(config, str(workdir), out=lines.append).run()
+    text = "\n".join(lines)
+    assert "finetune: re-running because its interrupted run config changed (optim.lr: 0.001 -> 0.0005)" in text
+    assert "seed: done, skipping" in text and "mix: done, skipping" in text
+    assert not os.path.exists(workdir / "finetune.previous" / "stage.json")
+    assert json.load(open(workdir / "finetune" / "stage.json"))["config"]["optim.lr"] == 5e-4
+
+
+def test_btm_weights_are_fitted_on_training_data_not_on_the_eval_set(finished, demo_data_dir):
+    """The posterior-average weights depend on the calibration set (training split) only."""
+    from btx_jax import compare, evaluate
+
+    workdir, results, _ = finished
+    config = tiny(demo_data_dir)
+    run = recipe.Recipe(config, str(workdir), out=lambda _: None)
+    run.run()
+    calibration = evaluate.load_eval_sets(config, max_tokens=config.recipe.calibration_tokens, split="train")
+    full = evaluate.load_eval_sets(config, max_tokens=config.recipe.eval_tokens)
+    half = {d: b[:1] for d, b in full.items()}
+    scorer = compare.Scorer()
+    priors = [compare.btm_rows(run, e, calibration, scorer, out=lambda _: None)["BTM posterior average"]["priors"]
+              for e in (full, half)]
+    assert priors[0] == priors[1]
+    row = {r["model"]: r for r in results["models"]}["BTM posterior average"]
+    np.testing.assert_allclose([row["priors"][d] for d in results["domains"]],
+                               [priors[0][d] for d in results["domains"]], rtol=1e-6)
 
 
 def test_parallel_branches_run_as_processes(finished, demo_data_dir, tmp_path):
