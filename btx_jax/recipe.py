@@ -1,7 +1,8 @@
 """``python -m btx_jax.recipe --config configs/btx_demo.py --workdir runs/btx``: BTX end to end.
 
-Stages, each under ``workdir/<stage>/`` and each resumable (a finished stage has a
-``stage.json`` and is skipped; an interrupted training stage resumes from its checkpoint):
+Stages, each under ``workdir/<stage>/`` (``btx_jax/stages.py`` decides what is done: a stage
+is skipped only when its config fingerprint and its inputs are unchanged; an interrupted
+training stage resumes from its checkpoint):
 
 1. ``seed``: the dense seed on the domain mixture;
 2. ``branch/<domain>``: one dense expert per domain, from the seed (one after another, or as
@@ -11,8 +12,10 @@ Stages, each under ``workdir/<stage>/`` and each resumable (a finished stage has
 5. baselines at BTX's compute: ``baseline/dense`` (the seed trained on), ``baseline/upcycle``
    (an MoE of seed copies); BTM (ensemble and averages of the branches) is evaluated directly;
    variants ``variant/<name>``: top1, no_load_balance, random_router;
-6. ``eval`` and ``report``: per-domain held-out perplexity of every model (training domains
-   and ``data.eval_domains``), compute, routing statistics, tables and plots.
+6. evaluation (``btx_jax/compare.py``) and ``report/``: every model on the same held-out
+   documents, with paired-bootstrap intervals over documents and ``recipe.seeds`` trials.
+
+``recipe.sweep`` runs the whole comparison at several compute splits (``btx_jax/sweep.py``).
 """
 from __future__ import annotations
 

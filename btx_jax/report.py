@@ -88,7 +88,8 @@ def plots(report_dir: str, results: dict, workdir: str) -> dict:
             ax.plot(*zip(*curve), label=stage)
     ax.set_xlabel("step")
     ax.set_ylabel("train loss (nats/token)")
-    ax.legend(fontsize=7)
+    if ax.get_lines():
+        ax.legend(fontsize=7)
     ax.set_title("loss per stage")
     _save(fig, os.path.join(report_dir, "loss_curves.png"), images)
 

@@ -213,3 +213,14 @@ def test_parallel_branches_run_as_processes(finished, demo_data_dir, tmp_path):
         log = (tmp_path / "branch" / domain / "train.log").read_text()
         assert "initialising params from" in log and "done: 3 steps" in log
         assert json.load(open(tmp_path / "branch" / domain / "stage.json"))["steps"] == 3
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("seeds", 0, "recipe.seeds"), ("bootstrap", 10, "recipe.bootstrap"), ("eval_tokens", -1, "recipe.eval_tokens"),
+    ("rerun_from", "seeed", "recipe.rerun_from"), ("sweep", "seed_share:2", "recipe.sweep")])
+def test_bad_recipe_fields_are_refused_before_any_work(field, value, match, tmp_path):
+    config = tiny(str(tmp_path / "no_data"))
+    config.recipe[field] = value
+    with pytest.raises(recipe.config_lib.ConfigError, match=match):
+        recipe.run(config, str(tmp_path / "work"))
+    assert not os.path.exists(tmp_path / "work")
