@@ -108,7 +108,10 @@ def base_config() -> ConfigDict:
         calibration_tokens=20_000,  # training-split tokens per domain that fit the BTM posterior-average weights
         bootstrap=1000,        # paired bootstrap replicates (documents x trials) for the 95% intervals
         rerun_from="",         # comma-separated stages to re-run with everything downstream, e.g. finetune, branch/code
-        sweep="",              # e.g. seed_share:0.3,0.5,0.7,0.9: the comparison at each compute split (btx_jax/sweep.py)
+        # > 0: the seed/branch/finetune steps above are a *budget* (their FLOPs), re-split so that the seed
+        # gets this share and the branches and finetune the rest in their proportion (btx_jax/sweep.py)
+        seed_share=0.0,
+        sweep="",              # e.g. seed_share:0.3,0.5,0.7,0.9: the comparison at each seed share (btx_jax/sweep.py)
     ))
     c.mesh = ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))  # -1: the remaining devices
     c.data = ConfigDict(dict(

@@ -335,6 +335,7 @@ def check(config) -> None:
                                          "name a stage: seed, branch[/<domain>], mix, finetune, baseline/<name>, "
                                          "variant/<name>")
     sweep.parse(r.sweep)
+    sweep.resolve(config)  # checks recipe.seed_share
 
 
 def run(config, workdir: str, out=print) -> dict:
@@ -343,6 +344,7 @@ def run(config, workdir: str, out=print) -> dict:
     workdir = os.path.abspath(workdir)
     if config.recipe.sweep:
         return sweep.run(config, workdir, compare, out)
+    config = sweep.resolve(config)
     results = compare(config, workdir, out)
     report.write(os.path.join(workdir, "report"), results, workdir, out=out)
     return results

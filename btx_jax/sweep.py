@@ -1,8 +1,9 @@
 """``--config.recipe.sweep=seed_share:0.3,0.5,0.7,0.9``: the comparison at several compute splits.
 
-The total training budget is fixed: the FLOPs of the config's seed, branches and finetune.
-For a seed share s the seed gets s of it; the rest goes to the branches and the finetune in
-the config's own proportion; the dense and upcycling baselines get what BTX spends after the
+The total training budget is fixed: the FLOPs of the config's seed, branch and finetune
+steps (``recipe.seed_steps``, ``branch_steps``, ``finetune_steps``). For a seed share s
+(``recipe.seed_share``, which the sweep varies) the seed gets s of it; the rest goes to the
+branches and the finetune in the config's own proportion; the dense and upcycling baselines get what BTX spends after the
 seed, as always. Each point is a full comparison (all trials, intervals) under
 ``<workdir>/sweep/seed_share_<s>/`` with its own report; ``<workdir>/report/`` gets the sweep
 table and ``sweep.png`` (perplexity against seed share, per model, with intervals).
@@ -54,10 +55,24 @@ def split_steps(config, seed_share: float) -> dict[str, int]:
             "finetune_steps": max(2, round((1 - branch_part) * rest / moe_step))}
 
 
-def point_config(config, seed_share: float):
+def resolve(config):
+    """The config with `recipe.seed_share` applied to its steps (a copy; unchanged when the share is 0)."""
+    share = config.recipe.seed_share
+    if not share:
+        return config
+    if not 0.0 < share < 1.0:
+        raise config_lib.ConfigError("recipe.seed_share", f"must be in (0, 1) or 0 (off), got {share}",
+                                     "use e.g. 0.7: the seed gets 70% of the training budget")
     c = copy.deepcopy(config)
-    c.recipe.update(sweep="", variants="", **split_steps(config, seed_share))
+    c.recipe.update(seed_share=0.0, **split_steps(config, share))
     return c
+
+
+def point_config(config, seed_share: float):
+    """One sweep point: the budget re-split at `seed_share`, without the variants."""
+    c = copy.deepcopy(config)
+    c.recipe.update(sweep="", variants="", seed_share=seed_share)
+    return resolve(c)
 
 
 def run(config, workdir: str, compare, out=print) -> dict:

@@ -25,10 +25,14 @@ def get_config(variant: str | None = None):
     c.data.eval_domains = ConfigDict({"docs": "demo:docs"})
     c.mix.update(seed_expert=True, router_init="centroid", policy="", centroid_batches=2)
     c.train.update(log_every=25, eval_batches=3, checkpoint_every=100)
-    c.recipe.update(seed_steps=200, branch_steps=100, finetune_steps=100)
+    # the budget: the FLOPs of 200 seed + 3 x 100 branch + 100 finetune steps; the seed gets 70% of it
+    # (463 / 43 / 43 steps), the regime of the BTX paper, where the seed holds most of the compute
+    # (Llama-2 7B's 2T tokens against ~0.5T for branches and finetune); recipe.sweep varies the share
+    c.recipe.update(seed_steps=200, branch_steps=100, finetune_steps=100, seed_share=0.7)
     if variant == "tiny":
         c.train.update(log_every=2, eval_batches=1, checkpoint_every=4)
-        c.recipe.update(seed_steps=6, branch_steps=3, finetune_steps=3, branch_warmup=1, finetune_warmup=1)
+        c.recipe.update(seed_steps=6, branch_steps=3, finetune_steps=3, branch_warmup=1, finetune_warmup=1,
+                        seed_share=0.0)
         c.mix.centroid_batches = 1
         c.recipe.update(eval_tokens=1500, calibration_tokens=500, bootstrap=200)
     return c

@@ -69,3 +69,16 @@ def test_sweep_runs_each_point_and_writes_the_sweep_report(tmp_path):
     saved = json.loads((tmp_path / "report" / "sweep.json").read_text())
     assert [p["value"] for p in saved["points"]] == [0.4, 0.8] == [p["value"] for p in result["points"]]
     assert np.isclose(saved["points"][1]["results"]["models"][0]["avg_ppl"], 5.0 - seen[1][0] / 1000)
+
+
+def test_seed_share_resplits_the_budget_and_matches_the_sweep_point():
+    """The demo's default (seed_share 0.7) is the sweep's 0.7 point, so their stages are the same runs."""
+    config = demo()
+    resolved = sweep.resolve(config)
+    point = sweep.point_config(config, 0.7)
+    keys = ("seed_steps", "branch_steps", "finetune_steps")
+    assert [resolved.recipe[k] for k in keys] == [point.recipe[k] for k in keys] == list(sweep.split_steps(config, 0.7).values())
+    assert resolved.recipe.seed_share == 0.0 and config.recipe.seed_share == 0.7  # the input is not changed
+    config.recipe.seed_share = 1.5
+    with pytest.raises(ConfigError, match="recipe.seed_share"):
+        sweep.resolve(config)
