@@ -92,7 +92,8 @@ def btm_rows(recipe, eval_sets: dict, calibration_sets: dict, scorer: Scorer, ou
     host_params = [jax.device_get(p) for p in branch_params]
     target = jax.tree.map(lambda a: a.sharding, setup.abstract_params)
     uniform = jax.device_put(btm.average_params(host_params), target)
-    rows["BTM uniform average"] = {"scores": score_model(score_fn, uniform, eval_sets, shardings)[0], "compute": compute}
+    rows["BTM uniform average"] = {"scores": score_model(score_fn, uniform, eval_sets, shardings)[0],
+                                   "compute": compute}
     weighted: dict[str, DomainScores] = {}
     for domain, batches in eval_sets.items():  # each domain: the average weighted by its calibrated prior
         average = jax.device_put(btm.average_params(host_params, priors[domain]), target)

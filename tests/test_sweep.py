@@ -77,7 +77,8 @@ def test_seed_share_resplits_the_budget_and_matches_the_sweep_point():
     resolved = sweep.resolve(config)
     point = sweep.point_config(config, 0.7)
     keys = ("seed_steps", "branch_steps", "finetune_steps")
-    assert [resolved.recipe[k] for k in keys] == [point.recipe[k] for k in keys] == list(sweep.split_steps(config, 0.7).values())
+    expected = list(sweep.split_steps(config, 0.7).values())
+    assert [resolved.recipe[k] for k in keys] == [point.recipe[k] for k in keys] == expected
     assert resolved.recipe.seed_share == 0.0 and config.recipe.seed_share == 0.7  # the input is not changed
     config.recipe.seed_share = 1.5
     with pytest.raises(ConfigError, match="recipe.seed_share"):
