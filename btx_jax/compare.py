@@ -85,7 +85,8 @@ def btm_rows(recipe, eval_sets: dict, calibration_sets: dict, scorer: Scorer, ou
             nll_top1.append(-routed(logp, batch) * batch["loss_mask"])
         ensemble[domain] = per_document(nll_ens, batches)
         top1[domain] = per_document(nll_top1, batches)
-        priors[domain] = btm.fit_prior(((branch_logp(b), b) for b in calibration_sets[domain]), len(branch_params))
+        priors[domain] = (btm.fit_prior(((branch_logp(b), b) for b in calibration_sets[domain]), len(branch_params))
+                          if domain in calibration_sets else np.full(len(branch_params), 1.0 / len(branch_params)))
     compute = ["seed", *branch_stages]
     rows = {"BTM ensemble": {"scores": ensemble, "compute": compute},
             "sample-level routing (top-1 expert)": {"scores": top1, "compute": compute}}

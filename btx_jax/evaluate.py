@@ -41,14 +41,14 @@ def load_eval_sets(config, *, num_batches: int | None = None, max_tokens: int | 
     Default: ``train.eval_batches`` batches per domain (a training run's progress check).
     ``max_tokens``: batches until at least that many targets are scored (0: the whole split).
     """
-    if names is None:
-        names = pipeline.domain_names(config.data) + sorted(config.data.eval_domains.keys())
+    every = pipeline.domain_names(config.data) + sorted(config.data.eval_domains.keys())
+    names = every if names is None else names
     if max_tokens is None and num_batches is None:
         num_batches = config.train.eval_batches
     sources = pipeline.open_sources(config.data, split, names)
-    return {name: pipeline.eval_batches(config.data, src, i, num_batches, jax.process_index(), jax.process_count(),
-                                        max_tokens=max_tokens or None)
-            for i, (name, src) in enumerate(sources.items())}
+    return {name: pipeline.eval_batches(config.data, src, every.index(name), num_batches, jax.process_index(),
+                                        jax.process_count(), max_tokens=max_tokens or None)
+            for name, src in sources.items()}
 
 
 def scored_tokens(batches: list[dict]) -> int:

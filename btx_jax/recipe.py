@@ -31,6 +31,7 @@ from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
 from btx_jax import compare as compare_lib, config as config_lib, evaluate, intervals, mix, report, sweep, train
+from btx_jax.data.datasets import DataError
 from btx_jax.flops import train_flops_per_token
 from btx_jax.stages import StageStore, relevant_config
 
@@ -248,13 +249,27 @@ def compare(config, workdir: str, out=print) -> dict:
     out(f"[recipe] eval: {'the whole held-out split' if not r.eval_tokens else f'{r.eval_tokens:,} tokens'} "
         f"per domain; BTM weights calibrated on {r.calibration_tokens:,} training tokens per domain")
     eval_sets = evaluate.load_eval_sets(config, max_tokens=r.eval_tokens)
-    calibration = evaluate.load_eval_sets(config, max_tokens=r.calibration_tokens, split="train")
+    calibration = calibration_sets(config, list(eval_sets), out)
     scorer = compare_lib.Scorer()
     trials = [compare_lib.score_trial(recipe, eval_sets, calibration, "btm" in _items(r.baselines), scorer, out)
               for recipe in recipes]
     results = summarise(config, recipes, trials, eval_sets)
     save_scores(os.path.join(workdir, "report", "scores.npz"), trials)
     return results
+
+
+def calibration_sets(config, domains: list[str], out=print) -> dict:
+    """The first recipe.calibration_tokens of each domain's training split (BTM's averaging weights);
+    a held-out-only domain without a training split gets none (its average is then uniform)."""
+    sets = {}
+    for domain in domains:
+        try:
+            sets |= evaluate.load_eval_sets(config, max_tokens=config.recipe.calibration_tokens, split="train",
+                                            names=[domain])
+        except DataError as e:
+            out(f"[recipe] {domain}: no training split to calibrate BTM's posterior average on ({e}); "
+                "it uses uniform weights there")
+    return sets
 
 
 def summarise(config, recipes, trials: list[dict], eval_sets: dict) -> dict:
