@@ -224,3 +224,20 @@ def test_bad_recipe_fields_are_refused_before_any_work(field, value, match, tmp_
     with pytest.raises(recipe.config_lib.ConfigError, match=match):
         recipe.run(config, str(tmp_path / "work"))
     assert not os.path.exists(tmp_path / "work")
+
+
+def test_calibration_skips_a_domain_without_training_split(monkeypatch):
+    """A held-out-only domain with no training split gets no calibration set (uniform BTM weights), with a message."""
+    from btx_jax import evaluate
+    from btx_jax.data.datasets import DataError
+
+    def fake_load(config, *, max_tokens=None, split="eval", names=None, num_batches=None):
+        if names == ["docs"]:
+            raise DataError("dataset x has splits ['test'], none of ['train']")
+        return {names[0]: [f"{names[0]}-batch"]}
+
+    monkeypatch.setattr(evaluate, "load_eval_sets", fake_load)
+    lines = []
+    sets = recipe.calibration_sets(tiny("unused"), ["code", "docs"], out=lines.append)
+    assert sets == {"code": ["code-batch"]}
+    assert "docs: no training split" in lines[0] and "uniform weights" in lines[0]
