@@ -280,15 +280,37 @@ def branch_check(plans: list[LeafPlan], by_label: dict[str, Source], warn=print)
 
 # ------------------------------------------------------------------------------------ merging
 
+class _ReadAhead:
+    """Futures of `read(label)` for labels in order, with at most `ahead` submitted and not yet taken."""
+
+    def __init__(self, pool, labels, read, ahead: int = 2):
+        self.pool, self.read, self.ahead = pool, read, ahead
+        self.queue, self.pending = list(labels), {}
+        self._fill()
+
+    def _fill(self) -> None:
+        while self.queue and len(self.pending) < self.ahead:
+            label = self.queue.pop(0)
+            self.pending[label] = self.pool.submit(self.read, label)
+
+    def pop(self, label):
+        while label not in self.pending:  # taken out of order: submit up to it
+            self.pending[self.queue[0]] = self.pool.submit(self.read, self.queue.pop(0))
+        future = self.pending.pop(label)
+        self._fill()
+        return future
+
+
 def merge_leaf(plan: LeafPlan, by_label: dict[str, Source], every: int, noise_rng, copy_noise: float) -> np.ndarray:
     """The merged value of one target leaf, on the host, in the target dtype."""
     dtype = np.dtype(plan.dtype)
     unique = list(dict.fromkeys(plan.sources))
-    # Two sources are read at a time (decompression runs in parallel), which keeps at most
-    # about half the merged leaf of source data in memory next to the output buffer.
+    # Two sources are read at a time (decompression runs in parallel), and a read starts only when
+    # an earlier one is taken: at most three sources' data (two read, one being copied) sit next
+    # to the output buffer, however slowly the merge below runs.
     with concurrent.futures.ThreadPoolExecutor(min(len(unique), 2)) as pool:
-        futures = {label: pool.submit(lambda s: select_layers(read_leaf(by_label[s], plan.source_path),
-                                                              plan.target, every), label) for label in unique}
+        futures = _ReadAhead(pool, unique, lambda s: select_layers(read_leaf(by_label[s], plan.source_path),
+                                                                   plan.target, every))
         if plan.kind == "stack":
             out = np.empty(plan.shape, dtype)
             first = {}  # label -> the expert slot that holds its first copy
@@ -306,7 +328,7 @@ def merge_leaf(plan: LeafPlan, by_label: dict[str, Source], every: int, noise_rn
                 del value
             return out
         if len(plan.sources) == 1:
-            return futures[plan.sources[0]].result().astype(dtype)
+            return futures.pop(plan.sources[0]).result().astype(dtype)
         total = None
         for label, weight in zip(plan.sources, plan.weights):
             value = futures.pop(label).result().astype(np.float32)
