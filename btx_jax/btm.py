@@ -6,24 +6,12 @@ P(j | x_<t) ∝ P(j) prod_{s<t} p_j(x_s | x_<s), and the prior P(j) is an expone
 average of the posteriors at the end of the held-out documents evaluated before.
 
 Everything here works on per-token log-probabilities, so it is plain numpy and can be checked
-by hand; `token_logprobs` gets them from any model.
+by hand; the recipe gets them from its scorer (``btx_jax/evaluate.py``).
 """
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-
-from btx_jax import steps
-
-
-def token_logprobs(graphdef, mesh):
-    """A jitted (params, batch) -> log p(target) [B, T] for a model."""
-    def fn(params, batch):
-        logits, _ = steps.forward(graphdef, params, batch)
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        return jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
-    return steps._under_mesh(jax.jit(fn), mesh)
 
 
 def context_log_likelihood(logp: np.ndarray, segment_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:

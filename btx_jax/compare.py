@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from btx_jax import btm, checkpoint, sharding, steps
-from btx_jax.evaluate import DomainScores, make_token_scorer, per_document, score_model
+from btx_jax.evaluate import DomainScores, make_token_scorer, per_document, score_model, token_nll
 from btx_jax.metrics import read_metrics
 from btx_jax.state import make_setup
 
@@ -33,7 +33,7 @@ class Scorer:
         if key not in self._cache:
             mesh = sharding.make_mesh(c.mesh)
             setup = make_setup(c, mesh)
-            self._cache[key] = (setup, make_token_scorer(setup), btm.token_logprobs(setup.graphdef, mesh))
+            self._cache[key] = (setup, make_token_scorer(setup))
         return self._cache[key]
 
 
@@ -47,11 +47,14 @@ def score_trial(recipe, eval_sets: dict, calibration_sets: dict, with_btm: bool,
                 out=print) -> dict[str, dict]:
     """{model name: {"scores": {domain: DomainScores}, "routing": ..., "drop": ..., "compute": [stages]}}."""
     scorer = scorer or Scorer()
-    rows = {}
+    rows, branch_nll = {}, {}
     for model in recipe.models():
-        setup, score_fn, _ = scorer.setup(model["config"])
+        setup, score_fn = scorer.setup(model["config"])
         params = checkpoint.load_params(recipe.path(model["stage"]), setup.abstract_params)
-        scores, routing = score_model(score_fn, params, eval_sets, steps.batch_shardings(setup.mesh))
+        nll, routing = token_nll(score_fn, params, eval_sets, steps.batch_shardings(setup.mesh))
+        scores = {domain: per_document(nll[domain], batches) for domain, batches in eval_sets.items()}
+        if model["stage"].startswith("branch/"):
+            branch_nll[model["stage"]] = nll  # the BTM rows are built from these, not recomputed
         drop = None
         if model["config"].moe.num_experts:
             drop = {"train": train_drop_fraction(recipe.path(model["stage"])),
@@ -59,34 +62,41 @@ def score_trial(recipe, eval_sets: dict, calibration_sets: dict, with_btm: bool,
         rows[model["name"]] = {"scores": scores, "routing": routing, "drop": drop, "compute": model["compute"]}
         out(f"[recipe] eval: {model['name']}: " + ", ".join(f"{d} {s.ppl:.3f}" for d, s in scores.items()))
     if with_btm:
-        rows.update(btm_rows(recipe, eval_sets, calibration_sets, scorer, out))
+        rows.update(btm_rows(recipe, eval_sets, calibration_sets, scorer, branch_nll, out=out))
     return rows
 
 
-def btm_rows(recipe, eval_sets: dict, calibration_sets: dict, scorer: Scorer, out=print) -> dict[str, dict]:
+def btm_rows(recipe, eval_sets: dict, calibration_sets: dict, scorer: Scorer, branch_nll: dict | None = None,
+             out=print) -> dict[str, dict]:
+    """The BTM rows from the branches' token NLL on the eval sets (`branch_nll`: {stage: {domain: [B, T]
+    arrays]}, as `score_trial` computed them for the expert rows; computed here when not given)."""
     from btx_jax.recipe import dense_config
     branch_stages = [f"branch/{d}" for d in recipe.domains]
-    setup, score_fn, logprob = scorer.setup(dense_config(recipe.config, 1))
+    setup, score_fn = scorer.setup(dense_config(recipe.config, 1))
     shardings = steps.batch_shardings(setup.mesh)
     branch_params = [checkpoint.load_params(recipe.path(s), setup.abstract_params) for s in branch_stages]
+    if branch_nll is None:
+        branch_nll = {s: token_nll(score_fn, p, eval_sets, shardings)[0] for s, p in zip(branch_stages, branch_params)}
+    calibration_nll = [token_nll(score_fn, p, calibration_sets, shardings)[0] for p in branch_params]
+    num = len(branch_params)
 
-    def branch_logp(batch):
-        batch = steps.to_global(batch, shardings)
-        return np.stack([np.asarray(logprob(p, batch)) for p in branch_params])  # [J, B, T]
+    def logp(per_branch: list[dict], domain: str, i: int) -> np.ndarray:
+        """[J, B, T] log p(target) of each branch on batch i (0 where the loss mask is 0)."""
+        return -np.stack([nll[domain][i] for nll in per_branch])
 
+    per_branch = [branch_nll[s] for s in branch_stages]
     ensemble, top1, priors = {}, {}, {}
     for domain, batches in eval_sets.items():
-        posterior = btm.PosteriorEnsemble(len(branch_params))
-        routed = btm.PosteriorEnsemble(len(branch_params), top1=True)
+        posterior, routed = btm.PosteriorEnsemble(num), btm.PosteriorEnsemble(num, top1=True)
         nll_ens, nll_top1 = [], []
-        for batch in batches:
-            logp = branch_logp(batch)
-            nll_ens.append(-posterior(logp, batch) * batch["loss_mask"])
-            nll_top1.append(-routed(logp, batch) * batch["loss_mask"])
+        for i, batch in enumerate(batches):
+            nll_ens.append(-posterior(logp(per_branch, domain, i), batch) * batch["loss_mask"])
+            nll_top1.append(-routed(logp(per_branch, domain, i), batch) * batch["loss_mask"])
         ensemble[domain] = per_document(nll_ens, batches)
         top1[domain] = per_document(nll_top1, batches)
-        priors[domain] = (btm.fit_prior(((branch_logp(b), b) for b in calibration_sets[domain]), len(branch_params))
-                          if domain in calibration_sets else np.full(len(branch_params), 1.0 / len(branch_params)))
+        priors[domain] = (btm.fit_prior(((logp(calibration_nll, domain, i), b)
+                                         for i, b in enumerate(calibration_sets[domain])), num)
+                          if domain in calibration_sets else np.full(num, 1.0 / num))
     compute = ["seed", *branch_stages]
     rows = {"BTM ensemble": {"scores": ensemble, "compute": compute},
             "sample-level routing (top-1 expert)": {"scores": top1, "compute": compute}}

@@ -100,23 +100,29 @@ def make_token_scorer(setup):
     return steps._under_mesh(jax.jit(score), setup.mesh)
 
 
-def score_model(scorer, params, eval_sets: dict, batch_shardings) -> tuple[dict, dict]:
-    """-> ({domain: DomainScores}, {domain: {"expert_usage": [L, E], "dropped_fraction": float}}).
+def token_nll(scorer, params, eval_sets: dict, batch_shardings) -> tuple[dict, dict]:
+    """-> ({domain: [masked token NLL [B, T] per batch]}, {domain: {"expert_usage": [L, E], "dropped_fraction"}}).
 
     Routing statistics are token-weighted means over the domain's batches (MoE models only).
     """
-    scores, routing = {}, {}
+    nll, routing = {}, {}
     for domain, batches in eval_sets.items():
-        nll, stats, weights = [], [], []
+        values, stats, weights = [], [], []
         for batch in batches:
-            token_nll, aux = scorer(params, steps.to_global(batch, batch_shardings))
-            nll.append(np.asarray(token_nll))
+            token_values, aux = scorer(params, steps.to_global(batch, batch_shardings))
+            values.append(np.asarray(token_values))
             stats.append(jax.device_get(aux))
             weights.append(float(batch["loss_mask"].sum()))
-        scores[domain] = per_document(nll, batches)
+        nll[domain] = values
         if stats and stats[0]:
             w = np.asarray(weights) / max(sum(weights), 1.0)
             routing[domain] = {
                 "expert_usage": np.tensordot(w, np.stack([s["expert_usage"] for s in stats]), 1).tolist(),
                 "dropped_fraction": float(np.dot(w, [np.mean(s["dropped_fraction"]) for s in stats]))}
-    return scores, routing
+    return nll, routing
+
+
+def score_model(scorer, params, eval_sets: dict, batch_shardings) -> tuple[dict, dict]:
+    """-> ({domain: DomainScores}, routing statistics as in `token_nll`)."""
+    nll, routing = token_nll(scorer, params, eval_sets, batch_shardings)
+    return {domain: per_document(nll[domain], batches) for domain, batches in eval_sets.items()}, routing

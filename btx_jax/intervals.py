@@ -20,8 +20,7 @@ def replicates(scores: dict[str, list[dict[str, DomainScores]]], domains: list[s
                num: int = 1000, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
     """{model: [trial]{domain: scores}} -> {model: {domain or "avg": [num] replicate perplexities}}.
 
-    Every model must have the same number of trials; a model with one trial (the BTM rows when
-    the branches of every trial are pooled, say) is not allowed: all rows are paired.
+    Every model must have the same number of trials and the same documents: all rows are paired.
     """
     rng = np.random.default_rng(seed)
     trials = {len(t) for t in scores.values()}
@@ -50,14 +49,13 @@ def interval(samples: np.ndarray) -> tuple[float, float]:
     return float(np.quantile(samples, tail)), float(np.quantile(samples, 1 - tail))
 
 
-def best(reps: dict[str, dict[str, np.ndarray]], column: str, models=None) -> str | None:
+def best(reps: dict[str, dict[str, np.ndarray]], column: str) -> str | None:
     """The model that beats every other one on `column` in >= 97.5% of paired replicates, else None."""
-    models = list(reps) if models is None else models
-    if len(models) < 2:
-        return models[0] if models else None
-    means = {m: reps[m][column].mean() for m in models}
+    if len(reps) < 2:
+        return next(iter(reps), None)
+    means = {m: samples[column].mean() for m, samples in reps.items()}
     leader = min(means, key=means.get)
-    wins = min(np.mean(reps[leader][column] < reps[m][column]) for m in models if m != leader)
+    wins = min(np.mean(reps[leader][column] < reps[m][column]) for m in reps if m != leader)
     return leader if wins >= 1 - (1 - LEVEL) / 2 else None
 
 

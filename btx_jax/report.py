@@ -177,14 +177,13 @@ def write_sweep(report_dir: str, sweep: dict, models, out=print) -> None:
     series = {m: {c: [] for c in columns} for m in models}
     for p in points:
         rows = {r["model"]: r for r in p["results"]["models"]}
-        steps = p["steps"]
+        steps, best = p["steps"], p["results"]["best"]
         for m in models:
             if m not in rows:
                 continue
             r = rows[m]
             values = {"avg": (r["avg_ppl"], r["avg_interval"]), **{d: (r["ppl"][d], r["interval"][d]) for d in domains}}
-            best = p["results"]["best"]
-            cells = [_cell(v, i, best.get("avg" if c == "avg" else c) == m) for c, (v, i) in values.items()]
+            cells = [_cell(v, i, best.get(c) == m) for c, (v, i) in values.items()]
             lines.append(f"| {p['value']:g} | {steps['seed_steps']} / {steps['branch_steps']} / "
                          f"{steps['finetune_steps']} | {m} | " + " | ".join(cells) + " |")
             for c, (v, i) in values.items():
@@ -205,7 +204,5 @@ def write_sweep(report_dir: str, sweep: dict, models, out=print) -> None:
         ax.set_xlabel(knob.replace("_", " "))
     axes[0][0].set_ylabel("held-out perplexity")
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(report_dir, "sweep.png"), dpi=90)
-    plt.close(fig)
+    _save(fig, os.path.join(report_dir, "sweep.png"), {})
     out(f"[recipe] sweep report: {report_dir}/sweep.md, sweep.png\n" + table)

@@ -23,9 +23,8 @@ from etils import epath
 COSMETIC = {
     "train": ("log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "peak_flops",
               "init_from"),  # init_from: a path; what it points to is fingerprinted as an input
-    "mix": ("output",  "experts", "seed"),  # paths too; their stages are inputs
-    "mesh": (),  # the mesh changes the layout, not the numbers (up to float rounding)
-}
+    "mix": ("output", "experts", "seed"),  # paths too; their stages are inputs
+}  # the mesh section is never fingerprinted: it changes the layout, not the numbers (up to float rounding)
 
 
 def flatten(tree, prefix: str = "") -> dict:
@@ -43,8 +42,6 @@ def relevant_config(config, sections: tuple[str, ...]) -> dict:
     tree = json.loads(config.to_json())
     kept = {}
     for section in sections:
-        if section == "mesh":
-            continue
         fields = {k: v for k, v in tree[section].items() if k not in COSMETIC.get(section, ())}
         kept.update(flatten(fields, f"{section}."))
     return kept

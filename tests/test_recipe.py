@@ -189,9 +189,13 @@ def test_btm_weights_are_fitted_on_training_data_not_on_the_eval_set(finished, d
     full = evaluate.load_eval_sets(config, max_tokens=config.recipe.eval_tokens)
     half = {d: b[:1] for d, b in full.items()}
     scorer = compare.Scorer()
-    priors = [compare.btm_rows(run, e, calibration, scorer, out=lambda _: None)["BTM posterior average"]["priors"]
-              for e in (full, half)]
+    rows = [compare.btm_rows(run, e, calibration, scorer, out=lambda _: None) for e in (full, half)]
+    priors = [r["BTM posterior average"]["priors"] for r in rows]
     assert priors[0] == priors[1]
+    # computed here from the branches, the ensemble equals the recipe's (built from the expert rows' scores)
+    ensemble = {r["model"]: r for r in results["models"]}["BTM ensemble"]
+    for d in results["domains"]:
+        np.testing.assert_allclose(rows[0]["BTM ensemble"]["scores"][d].ppl, ensemble["ppl"][d], rtol=1e-6)
     row = {r["model"]: r for r in results["models"]}["BTM posterior average"]
     np.testing.assert_allclose([row["priors"][d] for d in results["domains"]],
                                [priors[0][d] for d in results["domains"]], rtol=1e-6)
