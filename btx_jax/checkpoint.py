@@ -6,10 +6,13 @@ directory that looks like a finished checkpoint.
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -85,3 +88,96 @@ def load_params(path: str, abstract_params: dict) -> dict:
         args=ocp.args.PyTreeRestore(item={"params": abstract_params}, restore_args={"params": restore_args},
                                     partial_restore=True))
     return restored["params"]
+
+
+def read_param(path: str, name: str, shape, dtype) -> np.ndarray:
+    """One param (``name`` like ``layers/mlp/gate/kernel``) of a checkpoint as a host numpy array.
+
+    A partial restore: nothing else is read, so memory is this one array."""
+    item, restore_args = {}, {}
+    node, args = item, restore_args
+    keys = ["params", *name.split("/")]
+    for k in keys[:-1]:
+        node, args = node.setdefault(k, {}), args.setdefault(k, {})
+    node[keys[-1]] = jax.ShapeDtypeStruct(tuple(shape), dtype)
+    args[keys[-1]] = ocp.RestoreArgs(restore_type=np.ndarray)
+    restored = ocp.PyTreeCheckpointer().restore(
+        os.path.join(step_dir(path), "state"),
+        args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
+    for k in keys:
+        restored = restored[k]
+    return np.asarray(restored)
+
+
+def saved_model_config(path: str) -> dict:
+    """{"model": {...}, "moe": {...}} of a checkpoint: from the run's saved config (btx_jax.train)
+    or the ``manifest.json`` that btx_jax.mix and the Hugging Face import write next to ``state``."""
+    directory = step_dir(path)
+    manifest = os.path.join(directory, "manifest.json")
+    if os.path.isfile(manifest):
+        with open(manifest, encoding="utf-8") as f:
+            saved = json.load(f)
+    else:
+        try:
+            with open(os.path.join(directory, "config", "metadata"), encoding="utf-8") as f:
+                saved = json.load(f)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{directory} has neither a manifest.json nor a saved run config ({e})") from e
+    if "model" not in saved:
+        raise CheckpointError(f"{directory}: the saved config has no model section")
+    return {"model": saved["model"], "moe": saved.get("moe") or {"num_experts": 0}}
+
+
+class ParamWriter:
+    """Writes a params-only checkpoint (``<output>/state``, loadable by :func:`load_params`) one leaf
+    at a time with Orbax's partial save, so memory is one leaf, not the model.
+
+    The checkpoint is built under ``.<name>.incomplete`` next to `output` and renamed into place by
+    :meth:`finish`, with its ``manifest.json``: an interrupted write never leaves a directory that
+    looks finished, and the next run removes the leftover. Use as a context manager.
+    """
+
+    def __init__(self, output: str, tag: str = "[checkpoint]", out=print):
+        self.output, self.tag, self.out = os.path.abspath(os.path.expanduser(output)), tag, out
+        parent, name = os.path.split(self.output)
+        self.scratch = os.path.join(parent, f".{name}.incomplete")
+        self.tmp = os.path.join(self.scratch, "checkpoint")  # orbax's partial-save session lives next to it
+
+    def __enter__(self) -> "ParamWriter":
+        from orbax.checkpoint import v1 as ocp_v1
+
+        if os.path.exists(self.output):
+            raise CheckpointError(f"output {self.output} already exists\n  fix: remove it or choose another output")
+        os.makedirs(os.path.dirname(self.output), exist_ok=True)
+        if os.path.exists(self.scratch):
+            self.out(f"{self.tag} removing {self.scratch} left by an interrupted run")
+            shutil.rmtree(self.scratch)
+        os.makedirs(self.scratch)
+        # Uncompressed: weights barely compress, and zstd would cost time and a transient copy per leaf.
+        self._context = ocp_v1.Context()
+        self._context.array.saving.use_compression = False
+        self._context.__enter__()
+        return self
+
+    def write(self, name: str, value) -> None:
+        """Saves one param (``name`` like ``layers/mlp/gate/kernel``); a host or jax array."""
+        from orbax.checkpoint.experimental.v1 import partial as partial_save
+
+        root = node = {}
+        keys = ["params", *name.split("/")]
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+        partial_save.save(self.tmp, root)
+
+    def finish(self, manifest: dict) -> None:
+        from orbax.checkpoint.experimental.v1 import partial as partial_save
+
+        partial_save.finalize(self.tmp)
+        with open(os.path.join(self.tmp, "manifest.json"), "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=1)
+        os.rename(self.tmp, self.output)
+
+    def __exit__(self, *exc) -> None:
+        self._context.__exit__(*exc)
+        shutil.rmtree(self.scratch, ignore_errors=True)

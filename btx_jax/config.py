@@ -18,6 +18,7 @@ ROUTER_INITS = ("normal", "zeros", "centroid")
 
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots")
+ROPE_SCALINGS = ("none", "linear", "llama3")
 DISPATCHERS = ("einsum", "alltoall", "dropless", "reference")
 PRIORITIES = ("token", "confidence")
 GROUPED_IMPLS = ("auto", "blocks", "native")
@@ -44,6 +45,11 @@ def base_config() -> ConfigDict:
         head_dim=32,
         mlp_dim=384,           # SwiGLU hidden width F
         rope_theta=10_000.0,
+        rope_scaling="none",   # none | linear | llama3 (Llama 3.1 long-context frequencies; see transformer.rope_frequencies)
+        rope_factor=1.0,       # linear / llama3: the scaling factor
+        rope_low_freq_factor=1.0,   # llama3 only
+        rope_high_freq_factor=4.0,  # llama3 only
+        rope_original_max_len=8192,  # llama3 only: the context length the frequencies were trained for
         norm_eps=1e-5,
         tie_embeddings=False,
         init_std=0.02,
@@ -123,7 +129,7 @@ def base_config() -> ConfigDict:
         weights=ConfigDict(),  # domain -> mixture weight; empty = uniform
         eval_domains=ConfigDict(),  # extra held-out-only domains, same source syntax
         build_if_missing=True,  # build demo/files datasets when absent from data_dir
-        tokenizer="byte",      # byte | sentencepiece
+        tokenizer="byte",      # byte | sentencepiece | hf:<dir> (a Hugging Face checkpoint's tokenizer and BOS/EOS)
         spm_model="",          # path to a SentencePiece .model when tokenizer=sentencepiece
         seq_len=256,
         batch_size=16,         # global batch, in packed rows
@@ -184,6 +190,13 @@ def _check_model(m: ConfigDict) -> None:
     if not 1 <= m.scan_unroll <= m.num_layers:
         raise ConfigError("model.scan_unroll", f"must be in [1, num_layers={m.num_layers}], got {m.scan_unroll}",
                           "use 1 (a loop over layers) up to num_layers (fully unrolled)")
+    if m.rope_scaling not in ROPE_SCALINGS:
+        raise ConfigError("model.rope_scaling", f"unknown scaling {m.rope_scaling!r}", f"use one of {ROPE_SCALINGS}")
+    if m.rope_scaling != "none" and not m.rope_factor > 0:
+        raise ConfigError("model.rope_factor", f"must be > 0, got {m.rope_factor}", "use e.g. 8.0 (Llama 3.1)")
+    if m.rope_scaling == "llama3" and not m.rope_high_freq_factor > m.rope_low_freq_factor:
+        raise ConfigError("model.rope_high_freq_factor", f"must exceed rope_low_freq_factor={m.rope_low_freq_factor}",
+                          "use Llama 3.1's 4.0 and 1.0")
     if m.remat not in REMAT_POLICIES:
         raise ConfigError("model.remat", f"unknown policy {m.remat!r}", f"use one of {REMAT_POLICIES}")
 
@@ -236,8 +249,13 @@ def _check_data(d: ConfigDict) -> None:
             raise ConfigError(f"data.weights.{name}", f"must be >= 0, got {weight}", "use a non-negative weight")
     if d.weights and sum(d.weights.get(n, 0.0) for n in d.domains) <= 0:
         raise ConfigError("data.weights", "all mixture weights are zero", "give at least one domain weight > 0")
-    if d.tokenizer not in TOKENIZERS:
-        raise ConfigError("data.tokenizer", f"unknown tokenizer {d.tokenizer!r}", f"use one of {TOKENIZERS}")
+    if d.tokenizer.startswith("hf:"):
+        directory = os.path.expanduser(d.tokenizer[3:])
+        if not any(os.path.isfile(os.path.join(directory, f)) for f in ("tokenizer.json", "tokenizer.model")):
+            raise ConfigError("data.tokenizer", f"{directory!r} has no tokenizer.json or tokenizer.model",
+                              "point hf:<dir> to a Hugging Face checkpoint directory that ships its tokenizer")
+    elif d.tokenizer not in TOKENIZERS:
+        raise ConfigError("data.tokenizer", f"unknown tokenizer {d.tokenizer!r}", f"use one of {TOKENIZERS} or hf:<dir>")
     if d.tokenizer == "sentencepiece" and not os.path.isfile(d.spm_model):
         raise ConfigError("data.spm_model", f"SentencePiece model file not found: {d.spm_model!r}",
                           "train one with `python -m btx_jax.data.train_tokenizer` or point to an existing .model")

@@ -23,17 +23,15 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import datetime
-import json
 import os
 import re
 import resource
-import shutil
 import sys
 import time
+from collections.abc import Callable
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import psutil
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -55,6 +53,7 @@ class Source:
     path: str
     step: int
     params: dict[str, tuple[tuple[int, ...], str]]
+    read: Callable[[str], np.ndarray] | None = None  # a Hugging Face directory's reader; None: an Orbax checkpoint
 
 
 @dataclasses.dataclass
@@ -84,6 +83,15 @@ def _paths(spec) -> list[str]:
 
 
 def open_source(label: str, path: str) -> Source:
+    """A btx_jax checkpoint, or a Hugging Face Llama-family directory read through btx_jax.hf."""
+    from btx_jax import hf
+
+    if hf.is_hf_dir(path):
+        try:
+            reader = hf.DenseReader(path)
+        except hf.HFError as e:
+            raise MixError(f"{label} ({path}): {e}") from e
+        return Source(label, path, 0, reader.params, reader.read)
     if not os.path.exists(os.path.expanduser(path)):
         raise MixError(f"{label} checkpoint not found: {path!r}\n  fix: point config.mix to a training workdir, "
                        "its checkpoints/ directory or a step directory")
@@ -234,21 +242,9 @@ def check_same_architecture(sources: list[Source]) -> None:
 # ------------------------------------------------------------------------------------ reading
 
 def read_leaf(source: Source, path: str) -> np.ndarray:
-    """One param of one checkpoint as a host numpy array (partial restore: nothing else is read)."""
+    """One param of one source as a host numpy array (partial restore: nothing else is read)."""
     shape, dtype = source.params[path]
-    item, restore_args = {}, {}
-    node, args = item, restore_args
-    keys = ["params", *path.split("/")]
-    for k in keys[:-1]:
-        node, args = node.setdefault(k, {}), args.setdefault(k, {})
-    node[keys[-1]] = jax.ShapeDtypeStruct(shape, dtype)
-    args[keys[-1]] = ocp.RestoreArgs(restore_type=np.ndarray)
-    restored = ocp.PyTreeCheckpointer().restore(
-        os.path.join(source.path, "state"),
-        args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
-    for k in keys:
-        restored = restored[k]
-    array = np.asarray(restored)
+    array = source.read(path) if source.read else checkpoint.read_param(source.path, path, shape, dtype)
     if not np.isfinite(array).all():
         raise MixError(f"{source.label} ({source.path}) has NaN or Inf in {path}\n"
                        "  fix: use an earlier checkpoint of that run; nothing was written")
@@ -406,15 +402,6 @@ def centroid_router(config, setup, params: dict, ffn_labels: list[str], num_sour
 
 # ------------------------------------------------------------------------------------ writing
 
-def _nested(path: str, value) -> dict:
-    root = node = {}
-    keys = ["params", *path.split("/")]
-    for k in keys[:-1]:
-        node = node.setdefault(k, {})
-    node[keys[-1]] = value
-    return root
-
-
 def _leaf(tree: dict, path: str):
     for k in path.split("/"):
         tree = tree[k]
@@ -455,8 +442,6 @@ def _peak_rss_gb() -> float:
 
 def run(config, dry_run: bool = False, out=print) -> dict:
     """Validates everything, then streams the merge into config.mix.output; returns the manifest."""
-    from orbax.checkpoint import v1 as ocp_v1
-    from orbax.checkpoint.experimental.v1 import partial as partial_save
     from tqdm import tqdm
 
     config_lib.validate(config)
@@ -486,14 +471,6 @@ def run(config, dry_run: bool = False, out=print) -> dict:
         return {}
     distances = branch_check(plans, by_label, warn=out)
 
-    parent, name = os.path.split(output)
-    os.makedirs(parent, exist_ok=True)
-    scratch = os.path.join(parent, f".{name}.incomplete")  # never looks like a checkpoint; renamed when done
-    if os.path.exists(scratch):
-        out(f"[mix] removing {scratch} left by an interrupted run")
-        shutil.rmtree(scratch)
-    os.makedirs(scratch)
-    tmp = os.path.join(scratch, "checkpoint")  # orbax's partial-save session lives next to it until finalize
     rng = np.random.default_rng(mix.noise_seed)
     ffn_labels = next(p.sources for p in plans if p.kind == "stack")
     keep = {} if mix.router_init == "centroid" else None  # centroid init runs the merged model
@@ -502,39 +479,34 @@ def run(config, dry_run: bool = False, out=print) -> dict:
     start, read_bytes = time.perf_counter(), 0
     out(f"[mix] {len(experts)} experts{' + seed' if seed else ''} -> {config.moe.num_experts}-expert MoE "
         f"({', '.join(ffn_labels)}), {total / 1e9:.3f} GB, router {mix.router_init}")
-    # Uncompressed: weights barely compress, and zstd would cost time and a transient copy per leaf.
-    context = ocp_v1.Context()
-    context.array.saving.use_compression = False
-    try:
-        with context:
-            with tqdm(total=total, unit="B", unit_scale=True, desc="[mix]", mininterval=1.0, file=sys.stdout) as bar:
-                for plan in plans:
-                    if plan.kind == "router":
-                        value = initial_router(plan, mix, rng)
-                    else:
-                        value = merge_leaf(plan, by_label, config.moe.moe_every, rng, mix.copy_noise)
-                        read_bytes += sum(int(np.prod(by_label[s].params[plan.source_path][0]))
-                                          * np.dtype(by_label[s].params[plan.source_path][1]).itemsize
-                                          for s in set(plan.sources))
-                    if keep is not None:  # centroid init runs the merged model: keep it on the devices
-                        keep[plan.target] = to_target(value, _leaf(setup.abstract_params, plan.target))
-                    if not (keep is not None and plan.kind == "router"):
-                        # Written before the next leaf is read: overlapping the two was ~20% faster but made
-                        # peak memory depend on timing (up to 3.7x the leaf under load).
-                        partial_save.save(tmp, _nested(plan.target, value))
-                    del value
-                    bar.update(plan.nbytes)
-            if keep is not None:
-                params = {}
-                for path, array in keep.items():
-                    node = params
-                    for k in path.split("/")[:-1]:
-                        node = node.setdefault(k, {})
-                    node[path.split("/")[-1]] = array
-                router = centroid_router(config, setup, params, ffn_labels, len(experts), out)
-                del params, keep
-                partial_save.save(tmp, _nested(_ROUTER, router))
-            partial_save.finalize(tmp)
+    with checkpoint.ParamWriter(output, "[mix]", out) as writer:
+        with tqdm(total=total, unit="B", unit_scale=True, desc="[mix]", mininterval=1.0, file=sys.stdout) as bar:
+            for plan in plans:
+                if plan.kind == "router":
+                    value = initial_router(plan, mix, rng)
+                else:
+                    value = merge_leaf(plan, by_label, config.moe.moe_every, rng, mix.copy_noise)
+                    read_bytes += sum(int(np.prod(by_label[s].params[plan.source_path][0]))
+                                      * np.dtype(by_label[s].params[plan.source_path][1]).itemsize
+                                      for s in set(plan.sources))
+                if keep is not None:  # centroid init runs the merged model: keep it on the devices
+                    keep[plan.target] = to_target(value, _leaf(setup.abstract_params, plan.target))
+                if not (keep is not None and plan.kind == "router"):
+                    # Written before the next leaf is read: overlapping the two was ~20% faster but made
+                    # peak memory depend on timing (up to 3.7x the leaf under load).
+                    writer.write(plan.target, value)
+                del value
+                bar.update(plan.nbytes)
+        if keep is not None:
+            params = {}
+            for path, array in keep.items():
+                node = params
+                for k in path.split("/")[:-1]:
+                    node = node.setdefault(k, {})
+                node[path.split("/")[-1]] = array
+            router = centroid_router(config, setup, params, ffn_labels, len(experts), out)
+            del params, keep
+            writer.write(_ROUTER, router)
         seconds = time.perf_counter() - start
         manifest = {
             "format": "btx_jax.mix/1", "btx_jax_version": btx_jax.__version__,
@@ -552,13 +524,7 @@ def run(config, dry_run: bool = False, out=print) -> dict:
             "peak_rss_bytes": int(_peak_rss_gb() * 1e9),
             "model": config.model.to_dict(), "moe": config.moe.to_dict(),
         }
-        with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=1)
-        os.rename(tmp, output)
-    except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise
-    shutil.rmtree(scratch, ignore_errors=True)
+        writer.finish(manifest)
     out(f"[mix] wrote {output}: {total / 1e9:.3f} GB in {seconds:.1f} s ({total / seconds / 1e6:.0f} MB/s written, "
         f"{read_bytes / 1e9:.3f} GB read), peak RSS {_peak_rss_gb():.2f} GB ({rss_before / 1e9:.2f} GB before merging; "
         f"largest leaf {max(p.nbytes for p in plans) / 1e9:.3f} GB)\n"

@@ -1,10 +1,14 @@
-"""Tokenizers with one shared id layout: 0 = pad, 1 = begin of document, 2 = end of document.
+"""Tokenizers: ``encode`` gives a document's ids, ``bos_id`` / ``eos_id`` frame it (None: not added).
 
-The byte tokenizer needs nothing downloaded (ids 3..258 are the UTF-8 bytes); the
-SentencePiece tokenizer loads a ``.model`` file, e.g. one trained on the corpus with
-``python -m btx_jax.data.train_tokenizer``.
+The byte tokenizer needs nothing downloaded (ids 3..258 are the UTF-8 bytes; 0 pad, 1 BOS, 2
+EOS); the SentencePiece tokenizer loads a ``.model`` file trained with those special ids, e.g. by
+``python -m btx_jax.data.train_tokenizer``; ``hf:DIR`` uses the tokenizer shipped with a Hugging
+Face checkpoint, with its own BOS/EOS. Padding is marked by segment id 0, never by a token id.
 """
 from __future__ import annotations
+
+import json
+import os
 
 import numpy as np
 
@@ -15,6 +19,7 @@ class ByteTokenizer:
     """UTF-8 bytes shifted past the three special ids: any text, no vocabulary file."""
 
     vocab_size = 256 + 3
+    bos_id, eos_id = BOS_ID, EOS_ID
 
     def encode(self, text: bytes | str) -> np.ndarray:
         data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
@@ -27,6 +32,8 @@ class ByteTokenizer:
 
 class SentencePieceTokenizer:
     """A SentencePiece model trained with pad=0, bos=1, eos=2 (see train_tokenizer)."""
+
+    bos_id, eos_id = BOS_ID, EOS_ID
 
     def __init__(self, model_path: str):
         import sentencepiece as spm
@@ -46,12 +53,71 @@ class SentencePieceTokenizer:
         return self._sp.decode([int(i) for i in ids if int(i) > EOS_ID])
 
 
+def _json(path: str) -> dict:
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+class HFTokenizer:
+    """The tokenizer of a Hugging Face checkpoint directory: ``tokenizer.json`` (the ``tokenizers``
+    package) or else ``tokenizer.model`` (SentencePiece). BOS and EOS come from the checkpoint's
+    ``config.json`` (else ``generation_config.json``, else ``tokenizer_config.json``'s tokens); the text
+    itself is encoded without special tokens, as ``AutoTokenizer(..., add_special_tokens=False)`` does."""
+
+    def __init__(self, directory: str):
+        directory = os.path.expanduser(directory)
+        if os.path.isfile(os.path.join(directory, "tokenizer.json")):
+            from tokenizers import Tokenizer
+
+            self._tok = Tokenizer.from_file(os.path.join(directory, "tokenizer.json"))
+            self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+            token_id = self._tok.token_to_id
+            self._encode = lambda text: self._tok.encode(text, add_special_tokens=False).ids
+            self._decode = self._tok.decode
+        elif os.path.isfile(os.path.join(directory, "tokenizer.model")):
+            import sentencepiece as spm
+
+            self._sp = spm.SentencePieceProcessor(model_file=os.path.join(directory, "tokenizer.model"))
+            self.vocab_size = self._sp.get_piece_size()
+            token_id = lambda piece: self._sp.piece_to_id(piece) if self._sp.piece_to_id(piece) != self._sp.unk_id() else None  # noqa: E731
+            self._encode, self._decode = self._sp.encode, self._sp.decode
+        else:
+            raise FileNotFoundError(f"{directory} has no tokenizer.json or tokenizer.model")
+        config = _json(os.path.join(directory, "config.json"))
+        generation = _json(os.path.join(directory, "generation_config.json"))
+        tokens = _json(os.path.join(directory, "tokenizer_config.json"))
+
+        def special(name):
+            for source in (config, generation):
+                value = source.get(f"{name}_token_id")
+                if value is not None:
+                    return value[0] if isinstance(value, list) else int(value)
+            token = tokens.get(f"{name}_token")
+            token = token.get("content") if isinstance(token, dict) else token
+            return token_id(token) if token else None
+
+        self.bos_id, self.eos_id = special("bos"), special("eos")
+
+    def encode(self, text: bytes | str) -> np.ndarray:
+        text = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else text
+        return np.asarray(self._encode(text), dtype=np.int32)
+
+    def decode(self, ids) -> str:
+        return self._decode([int(i) for i in ids])
+
+
 def make_tokenizer(data_config):
     if data_config.tokenizer == "sentencepiece":
         return SentencePieceTokenizer(data_config.spm_model)
+    if data_config.tokenizer.startswith("hf:"):
+        return HFTokenizer(data_config.tokenizer[3:])
     return ByteTokenizer()
 
 
 def encode_document(tokenizer, text: bytes | str) -> np.ndarray:
-    """[BOS] text [EOS]: the loss learns where documents start and end."""
-    return np.concatenate([[BOS_ID], tokenizer.encode(text), [EOS_ID]]).astype(np.int32)
+    """[BOS] text [EOS]: the loss learns where documents start and end (each only if the tokenizer has it)."""
+    parts = [[tokenizer.bos_id]] if tokenizer.bos_id is not None else []
+    parts += [tokenizer.encode(text)] + ([[tokenizer.eos_id]] if tokenizer.eos_id is not None else [])
+    return np.concatenate(parts).astype(np.int32)

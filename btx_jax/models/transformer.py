@@ -13,6 +13,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from btx_jax.models.moe import MoE, MoEConfig
@@ -34,6 +35,11 @@ class TransformerConfig:
     head_dim: int
     mlp_dim: int
     rope_theta: float = 10_000.0
+    rope_scaling: str = "none"  # none | linear | llama3 (see rope_frequencies)
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
@@ -78,11 +84,33 @@ class RMSNorm(nnx.Module):
         return (y * self.scale[...].astype(jnp.float32)).astype(self.dtype)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def rope_frequencies(cfg: TransformerConfig) -> np.ndarray:
+    """The [Dh/2] rotary frequencies theta^(-2i/Dh), rescaled for long context as configured.
+
+    linear: all divided by `rope_factor` (position interpolation). llama3 (Llama 3.1): wavelengths
+    longer than original_max_len / low_freq_factor are divided by the factor, shorter than
+    original_max_len / high_freq_factor kept, and those between interpolated smoothly; the same
+    formula as Hugging Face's ``_compute_llama3_parameters``, so imported Llama 3 weights match.
+    """
+    half = cfg.head_dim // 2
+    inv_freq = 1.0 / cfg.rope_theta ** (np.arange(half, dtype=np.float64) / half)
+    if cfg.rope_scaling == "linear":
+        return (inv_freq / cfg.rope_factor).astype(np.float32)
+    if cfg.rope_scaling == "llama3":
+        factor, low, high, context = (cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
+                                      cfg.rope_original_max_len)
+        wavelen = 2 * np.pi / inv_freq
+        scaled = np.where(wavelen > context / low, inv_freq / factor, inv_freq)
+        smooth = (context / wavelen - low) / (high - low)
+        medium = (wavelen >= context / high) & (wavelen <= context / low)
+        return np.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled).astype(np.float32)
+    return inv_freq.astype(np.float32)
+
+
+def rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
     """Rotary embedding, rotate-half convention (as Llama in Hugging Face). x: [B, T, N, Dh]."""
     half = x.shape[-1] // 2
-    inv_freq = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) / half)
-    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, Dh/2]
+    angles = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)  # [B, T, Dh/2]
     cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
     x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
@@ -105,11 +133,12 @@ class Attention(nnx.Module):
         self.k = Projection((d, k, dh), ("embed", "kv_heads", "head_dim"), std=std, cfg=cfg, rngs=rngs)
         self.v = Projection((d, k, dh), ("embed", "kv_heads", "head_dim"), std=std, cfg=cfg, rngs=rngs)
         self.o = Projection((h, dh, d), ("heads", "head_dim", "embed"), std=std, cfg=cfg, rngs=rngs)
-        self.num_kv_heads, self.rope_theta = k, cfg.rope_theta
+        self.num_kv_heads, self.cfg = k, cfg
 
     def __call__(self, x, segment_ids, positions):
-        q = rope(self.q("btd,dhk->bthk", x), positions, self.rope_theta)
-        k = rope(self.k("btd,dnk->btnk", x), positions, self.rope_theta)
+        inv_freq = rope_frequencies(self.cfg)
+        q = rope(self.q("btd,dhk->bthk", x), positions, inv_freq)
+        k = rope(self.k("btd,dnk->btnk", x), positions, inv_freq)
         v = self.v("btd,dnk->btnk", x)
         q = constrain(q, "batch", "length", "act_heads", None)
         b, t, h, dh = q.shape
