@@ -99,6 +99,9 @@ def base_config() -> ConfigDict:
     ))
     c.recipe = ConfigDict(dict(  # the whole BTX pipeline (python -m btx_jax.recipe)
         seed_steps=200,        # dense seed on the domain mixture
+        # A pretrained seed instead of training one: a Hugging Face Llama-family directory or a btx_jax
+        # checkpoint. The seed stage then imports it (model.* must describe it: configs/btx_from_hf.py).
+        seed_from="",
         branch_steps=100,      # each domain expert, from the seed, on its domain only
         finetune_steps=100,    # the MoE on the mixture, from the surgeon's output
         branch_lr=1e-3, branch_warmup=10,

@@ -4,7 +4,8 @@ Stages, each under ``workdir/<stage>/`` (``btx_jax/stages.py`` decides what is d
 is skipped only when its config fingerprint and its inputs are unchanged; an interrupted
 training stage resumes from its checkpoint):
 
-1. ``seed``: the dense seed on the domain mixture;
+1. ``seed``: the dense seed on the domain mixture, or ``recipe.seed_from`` imported (a Hugging
+   Face directory or a checkpoint: a pretrained seed);
 2. ``branch/<domain>``: one dense expert per domain, from the seed (one after another, or as
    parallel processes with ``recipe.parallel_branches``);
 3. ``mix``: the checkpoint surgeon (experts + the seed's FFN, centroid router);
@@ -130,6 +131,46 @@ class Recipe:
         return self.store.finish(stage, {"steps": 0, "tokens": 0, "flops": 0.0, "kind": "mix",
                                          "seconds": manifest["seconds"], "router_init": c.mix.router_init})
 
+    def import_seed(self, source: str) -> dict:
+        """The seed stage for a pretrained seed: its params copied (converted, for a Hugging Face directory)
+        into ``seed/checkpoints/0``, where every later stage finds a seed. No training: zero FLOPs."""
+        from btx_jax import checkpoint, hf
+
+        fields = relevant_config(self.config, ("model",)) | {"recipe.seed_from": os.path.abspath(source)}
+        done = self.store.begin("seed", fields, [])
+        if done is not None:
+            return done
+        target = os.path.join(self.path("seed"), "checkpoints", "0")
+        if os.path.exists(target):  # written, but the stage marker was not: redo
+            shutil.rmtree(target)
+        start = time.perf_counter()
+        model = self.config.model.to_dict()
+        if hf.is_hf_dir(source):
+            manifest = hf.import_checkpoint(source, target, param_dtype=model["param_dtype"], out=self.out)
+            differ = {k: (manifest["model"][k], model[k]) for k in manifest["model"]
+                      if k not in ("dtype", "remat", "scan_unroll", "init_std") and manifest["model"][k] != model[k]}
+            if differ:
+                shutil.rmtree(target)
+                raise config_lib.ConfigError(
+                    "model", f"does not describe recipe.seed_from {source}: " + ", ".join(
+                        f"{k}={ours!r} (checkpoint: {theirs!r})" for k, (theirs, ours) in differ.items()),
+                    "start from configs/btx_from_hf.py:<dir>, which reads the model fields from its config.json")
+        else:
+            from btx_jax.state import make_setup
+            from btx_jax import sharding
+
+            setup = make_setup(dense_config(self.config, 1), sharding.make_mesh(self.config.mesh))
+            checkpoint.check_compatible(source, setup.abstract_params)  # names every mismatched param
+            meta = checkpoint.param_metadata(source)
+            self.out(f"[recipe] seed: copying the params of {checkpoint.step_dir(source)} -> {target}")
+            with checkpoint.ParamWriter(target, "[recipe]", self.out) as writer:
+                for name, (shape, dtype) in meta.items():
+                    writer.write(name, checkpoint.read_param(source, name, shape, model["param_dtype"]))
+                writer.finish({"format": "btx_jax.seed_copy/1", "source": checkpoint.step_dir(source),
+                               "model": model, "moe": {"num_experts": 0}})
+        return self.store.finish("seed", {"steps": 0, "tokens": 0, "flops": 0.0, "kind": "import",
+                                          "seconds": time.perf_counter() - start, "source": source})
+
     def branches(self) -> None:
         r = self.config.recipe
         configs = {f"branch/{d}": dense_config(self.config, r.branch_steps, lr=r.branch_lr, warmup=r.branch_warmup,
@@ -163,7 +204,10 @@ class Recipe:
         """Every training and surgery stage of the comparison (evaluation is btx_jax.compare's job)."""
         config, r = self.config, self.config.recipe
         branches = [f"branch/{d}" for d in self.domains]
-        self.train_stage("seed", dense_config(config, r.seed_steps), [])
+        if r.seed_from:
+            self.import_seed(r.seed_from)
+        else:
+            self.train_stage("seed", dense_config(config, r.seed_steps), [])
         self.branches()
         mix_common = dict(experts=",".join(self.path(b) for b in branches), seed=self.path("seed"),
                           domains=",".join(self.domains))
@@ -349,6 +393,13 @@ def check(config) -> None:
             raise config_lib.ConfigError("recipe.rerun_from", f"unknown stage {name!r}",
                                          "name a stage: seed, branch[/<domain>], mix, finetune, baseline/<name>, "
                                          "variant/<name>")
+    if r.seed_from:
+        if not os.path.exists(os.path.expanduser(r.seed_from)):
+            raise config_lib.ConfigError("recipe.seed_from", f"not found: {r.seed_from!r}",
+                                         "give a Hugging Face model directory or a btx_jax checkpoint")
+        if r.seed_share or "seed_share" in r.sweep:
+            raise config_lib.ConfigError("recipe.seed_share", "splits a seed budget, but recipe.seed_from gives a "
+                                         "pretrained seed", "set recipe.seed_share=0 and recipe.sweep=''")
     sweep.parse(r.sweep)
     sweep.resolve(config)  # checks recipe.seed_share
 

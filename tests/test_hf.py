@@ -295,3 +295,48 @@ def test_surgeon_refuses_a_mixtral_directory_as_a_dense_source(tmp_path):
     c.mix.update(experts=os.path.join(FIXTURES, "mixtral"), output=str(tmp_path / "moe"))
     with pytest.raises(mix.MixError, match="Mixtral"):
         mix.run(c, out=quiet)
+
+
+def test_recipe_starts_from_a_hugging_face_seed(demo_data_dir, tmp_path):
+    """configs/btx_from_hf.py: the seed stage imports the directory (no training), the branches start
+    from it, and the surgeon builds the MoE; a rerun skips the import."""
+    from btx_jax import recipe
+    from btx_jax.config import load_config
+
+    hf_dir = os.path.join(FIXTURES, "llama_gqa")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    c = load_config(os.path.join(repo, "configs", "btx_from_hf.py") + ":" + hf_dir)
+    assert c.data.tokenizer == "hf:" + hf_dir and c.model.d_model == 32 and c.model.num_kv_heads == 2
+    c.data.update(data_dir=demo_data_dir, seq_len=32, batch_size=8)
+    c.train.update(log_every=1, eval_batches=1, checkpoint_every=2, peak_flops=1e11)
+    c.recipe.update(branch_steps=2, finetune_steps=2, branch_warmup=1, finetune_warmup=1, baselines="", variants="")
+    c.mix.update(centroid_batches=1)
+    c.moe.update(group_size=32)
+    recipe.check(c)
+    lines = []
+    run = recipe.Recipe(c, str(tmp_path), out=lines.append)
+    run.run()
+    assert run.records["seed"]["kind"] == "import" and run.records["seed"]["flops"] == 0.0
+    seed = SafetensorsDir(hf_dir).get("model.layers.1.self_attn.o_proj.weight")
+    ckpt = str(tmp_path / "seed")
+    np.testing.assert_array_equal(checkpoint.read_param(ckpt, "layers/attn/o/kernel", (2, 4, 8, 32), "float32")[1],
+                                  seed.T.reshape(4, 8, 32))
+    merged = str(tmp_path / "mix" / "checkpoint")
+    assert checkpoint.param_metadata(merged)["layers/moe/experts/up/kernel"][0] == (2, 4, 32, 64)
+    assert os.path.exists(tmp_path / "finetune" / "stage.json")
+    lines.clear()
+    recipe.Recipe(c, str(tmp_path), out=lines.append).run()
+    assert not any("importing" in line for line in lines)  # finished stages are skipped
+
+
+def test_recipe_refuses_a_model_config_that_does_not_describe_the_seed(tmp_path):
+    from btx_jax import recipe
+    from btx_jax.config import ConfigError, load_config
+
+    hf_dir = os.path.join(FIXTURES, "llama_gqa")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    c = load_config(os.path.join(repo, "configs", "btx_from_hf.py") + ":" + hf_dir)
+    c.model.mlp_dim = 96
+    with pytest.raises(ConfigError, match=r"mlp_dim=96 \(checkpoint: 64\)"):
+        recipe.Recipe(c, str(tmp_path), out=quiet).import_seed(hf_dir)
+    assert not os.path.exists(tmp_path / "seed" / "checkpoints" / "0")
