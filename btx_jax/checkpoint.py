@@ -110,8 +110,9 @@ def read_param(path: str, name: str, shape, dtype) -> np.ndarray:
 
 
 def saved_model_config(path: str) -> dict:
-    """{"model": {...}, "moe": {...}} of a checkpoint: from the run's saved config (btx_jax.train)
-    or the ``manifest.json`` that btx_jax.mix and the Hugging Face import write next to ``state``."""
+    """{"model": {...}, "moe": {...}, "tokenizer": data.tokenizer or None} of a checkpoint: from the run's
+    saved config (btx_jax.train) or the ``manifest.json`` that btx_jax.mix and the Hugging Face import
+    write next to ``state``."""
     directory = step_dir(path)
     manifest = os.path.join(directory, "manifest.json")
     if os.path.isfile(manifest):
@@ -125,7 +126,8 @@ def saved_model_config(path: str) -> dict:
             raise CheckpointError(f"{directory} has neither a manifest.json nor a saved run config ({e})") from e
     if "model" not in saved:
         raise CheckpointError(f"{directory}: the saved config has no model section")
-    return {"model": saved["model"], "moe": saved.get("moe") or {"num_experts": 0}}
+    tokenizer = (saved.get("data") or {}).get("tokenizer", saved.get("tokenizer"))
+    return {"model": saved["model"], "moe": saved.get("moe") or {"num_experts": 0}, "tokenizer": tokenizer}
 
 
 class ParamWriter:

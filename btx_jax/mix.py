@@ -522,7 +522,7 @@ def run(config, dry_run: bool = False, out=print) -> dict:
             "bytes_written": total, "bytes_read": read_bytes, "seconds": round(seconds, 3),
             "largest_leaf_bytes": max(p.nbytes for p in plans), "rss_before_merge_bytes": rss_before,
             "peak_rss_bytes": int(_peak_rss_gb() * 1e9),
-            "model": config.model.to_dict(), "moe": config.moe.to_dict(),
+            "model": config.model.to_dict(), "moe": config.moe.to_dict(), "tokenizer": config.data.tokenizer,
         }
         writer.finish(manifest)
     out(f"[mix] wrote {output}: {total / 1e9:.3f} GB in {seconds:.1f} s ({total / seconds / 1e6:.0f} MB/s written, "

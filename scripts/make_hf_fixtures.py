@@ -105,10 +105,19 @@ def check(directory: str) -> None:
     diff = np.abs(theirs - ours["logits"])
     scale = np.abs(theirs).max()
     agree = (theirs.argmax(-1) == ours["logits"].argmax(-1)).mean()
-    print(json.dumps({"directory": directory, "architecture": model.config.architectures[0],
-                      "transformers": transformers.__version__, "torch": torch.__version__,
-                      "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
-                      "max_abs_logit": float(scale), "argmax_agreement": float(agree)}, indent=1))
+    report = {"directory": directory, "architecture": model.config.architectures[0],
+              "transformers": transformers.__version__, "torch": torch.__version__,
+              "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+              "max_abs_logit": float(scale), "argmax_agreement": float(agree)}
+    if "text" in ours:  # real text through the exported tokenizer: same ids, same NLL?
+        text, ids = str(ours["text"]), ours["text_ids"][0]
+        hf_ids = transformers.AutoTokenizer.from_pretrained(directory)(text)["input_ids"][:len(ids)]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor(ids[None]).long()).logits.double()[0, :-1]
+        nll = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]).long()).item()
+        report |= {"text_tokens": len(ids), "tokenizer_ids_equal": list(hf_ids) == ids.tolist(),
+                   "text_nll_transformers": nll, "text_nll_btx_jax": float(ours["text_nll"])}
+    print(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

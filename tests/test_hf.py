@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from btx_jax import checkpoint, mix, sharding
 from btx_jax.config import base_config
-from btx_jax.data.tokenizer import HFTokenizer, encode_document
+from btx_jax.data.tokenizer import ByteTokenizer, HFTokenizer, encode_document
 from btx_jax.hf import HFError, export_checkpoint, import_checkpoint, is_hf_dir
 from btx_jax.hf.files import SafetensorsDir
 from btx_jax.hf.hf_config import from_hf, read_config
@@ -160,7 +160,7 @@ def _write_ours(path: str, c, seed: int = 0) -> dict:
     with checkpoint.ParamWriter(path, out=quiet) as writer:
         for key, value in flat.items():
             writer.write(key, value)
-        writer.finish({"model": c.model.to_dict(), "moe": c.moe.to_dict()})
+        writer.finish({"model": c.model.to_dict(), "moe": c.moe.to_dict(), "tokenizer": c.data.tokenizer})
     return flat
 
 
@@ -180,6 +180,9 @@ def test_round_trip_ours_hf_ours_is_identical(tmp_path, kind):
     assert manifest["moe"]["num_experts"] == c.moe.num_experts
     meta = checkpoint.param_metadata(str(tmp_path / "back"))
     assert sorted(meta) == sorted(flat)
+    # a byte-tokenizer model ships a tokenizer.json that tokenizes as ours does
+    text = "def f(x):\n\treturn x² # ünïcode 日本"
+    assert HFTokenizer(str(tmp_path / "hf")).encode(text).tolist() == ByteTokenizer().encode(text).tolist()
     for key, value in flat.items():
         np.testing.assert_array_equal(checkpoint.read_param(str(tmp_path / "back"), key, *meta[key]), value)
 

@@ -18,7 +18,7 @@ import numpy as np
 
 import btx_jax
 from btx_jax import checkpoint
-from btx_jax.hf import names
+from btx_jax.hf import byte_tokenizer, names
 from btx_jax.hf.files import ShardWriter, SafetensorsDir
 from btx_jax.hf.hf_config import HFError, check_exportable, from_hf, read_config, to_hf
 
@@ -166,8 +166,11 @@ def export_checkpoint(ckpt: str, output: str, *, dtype: str | None = None, max_s
         _write_json(os.path.join(scratch, "config.json"), config)
         _write_json(os.path.join(scratch, "generation_config.json"), {"bos_token_id": bos, "eos_token_id": eos})
         copied = _copy_tokenizer(tokenizer_dir, scratch)
+        if not copied and saved["tokenizer"] == "byte":
+            copied = byte_tokenizer.write(scratch)
+            tokenizer_dir = "btx_jax's byte tokenizer"
         if save_logits:
-            _save_logits(ckpt, model, moe, os.path.join(scratch, LOGITS_FILE))
+            _save_logits(ckpt, model, moe, dtype, scratch)
         os.rename(scratch, output)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -205,22 +208,39 @@ def _copy_tokenizer(tokenizer_dir, output: str) -> list[str]:
     return copied
 
 
-def _save_logits(ckpt: str, model: dict, moe: dict, path: str, batch: int = 2, length: int = 24) -> None:
-    """Our float32 logits on fixed token ids (MoE: dropless), for comparison with transformers."""
+def _save_logits(ckpt: str, model: dict, moe: dict, dtype: str, output: str) -> None:
+    """Our float32 logits (MoE: dropless), computed from the weights as exported (rounded to `dtype`), on
+    fixed random token ids and, when the export has a tokenizer, on a piece of real text with its NLL:
+    what ``scripts/make_hf_fixtures.py --check`` compares with transformers."""
     import jax
+    from flax import nnx
 
     from btx_jax import sharding
     from btx_jax.config import base_config
+    from btx_jax.data.tokenizer import HFTokenizer
     from btx_jax.state import make_setup
-    from flax import nnx
 
     c = base_config()
     c.model.update(model | {"dtype": "float32", "param_dtype": "float32"})
     c.moe.update(moe | ({"dispatcher": "dropless"} if moe.get("num_experts") else {}))
     c.mesh.update(data=1)
     setup = make_setup(c, sharding.make_mesh(c.mesh, jax.devices()[:1]))
-    params = checkpoint.load_params(ckpt, setup.abstract_params)
-    ids = np.random.default_rng(0).integers(0, model["vocab_size"], (batch, length)).astype(np.int32)
+    params = jax.tree.map(lambda p: p.astype(dtype).astype("float32"),
+                          checkpoint.load_params(ckpt, setup.abstract_params))
+    model_fn = nnx.merge(setup.graphdef, params)
+    arrays = {"input_ids": np.random.default_rng(0).integers(0, model["vocab_size"], (2, 24)).astype(np.int32)}
+    if os.path.isfile(os.path.join(output, "tokenizer.json")) or os.path.isfile(os.path.join(output, "tokenizer.model")):
+        tokenizer = HFTokenizer(output)
+        with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "models", "router.py"), encoding="utf-8") as f:
+            text = f.read()[:2000]
+        ids = tokenizer.encode(text)[:255]
+        arrays |= {"text": np.asarray(text), "text_ids": np.asarray(
+            ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + ids.tolist(), np.int32)[None]}
     with sharding.use_mesh(setup.mesh):
-        logits, _ = nnx.merge(setup.graphdef, params)(ids)
-    np.savez(path, input_ids=ids, logits=np.asarray(logits, np.float32))
+        arrays["logits"] = np.asarray(model_fn(arrays["input_ids"])[0], np.float32)
+        if "text_ids" in arrays:
+            logits = np.asarray(model_fn(arrays["text_ids"])[0], np.float64)[0, :-1]
+            targets = arrays["text_ids"][0, 1:]
+            logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+            arrays["text_nll"] = np.asarray(np.mean(logz - logits[np.arange(len(targets)), targets]))
+    np.savez(os.path.join(output, LOGITS_FILE), **arrays)
