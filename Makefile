@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench bench-moe bench-mix clean
+.PHONY: setup demo test bench bench-moe bench-mix bench-hf clean
 
 $(STAMP): setup.py
 	@bash scripts/make_venv.sh $(VENV)
@@ -28,6 +28,9 @@ bench-moe: $(STAMP)
 
 bench-mix: $(STAMP)
 	$(PY) bench/mix.py
+
+bench-hf: $(STAMP)
+	$(PY) bench/hf.py
 
 clean:
 	rm -rf $(VENV) runs data

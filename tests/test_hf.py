@@ -9,7 +9,6 @@ import ml_dtypes
 import numpy as np
 import pytest
 from flax import nnx
-from safetensors import safe_open
 
 from btx_jax import checkpoint, mix, sharding
 from btx_jax.config import base_config

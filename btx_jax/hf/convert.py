@@ -47,7 +47,8 @@ def stacked(files: SafetensorsDir, entry: names.Entry, dtype) -> np.ndarray:
     """Our leaf for `entry`, filled one Hugging Face tensor at a time."""
     leaf = np.empty(entry.shape, dtype)
     for index, name in entry.hf_names():
-        leaf[index] = names.to_ours(files.get(name), entry)
+        # cast first (a contiguous pass), then move: the layout change runs on the target dtype
+        leaf[index] = names.to_ours(files.get(name).astype(dtype, copy=False), entry)
     return leaf
 
 
@@ -140,7 +141,6 @@ def export_checkpoint(ckpt: str, output: str, *, dtype: str | None = None, max_s
     if problems:
         raise HFError(f"{ckpt}: params do not match its saved config:\n" + "\n".join(problems))
     dtype = dtype or meta["embed/embedding"][1]
-    itemsize = np.dtype(dtype).itemsize
     info = _hf_info(ckpt)
     tokenizer_dir = tokenizer_dir or info.get("source")
     bos, eos = _special_ids(tokenizer_dir, info)
@@ -151,14 +151,14 @@ def export_checkpoint(ckpt: str, output: str, *, dtype: str | None = None, max_s
     shutil.rmtree(scratch, ignore_errors=True)
     os.makedirs(scratch)
     try:
-        sizes = [(name, int(np.prod(e.hf_shape)) * itemsize) for e in entries for _, name in e.hf_names()]
-        writer = ShardWriter(scratch, sizes, max_shard_bytes)
-        out(f"[hf] exporting {ckpt} -> {output}: {len(sizes)} tensors, {writer.total_size / 1e9:.3f} GB {dtype}, "
+        tensors = [(name, e.hf_shape, dtype) for e in entries for _, name in e.hf_names()]
+        writer = ShardWriter(scratch, tensors, max_shard_bytes)
+        out(f"[hf] exporting {ckpt} -> {output}: {len(tensors)} tensors, {writer.total_size / 1e9:.3f} GB {dtype}, "
             f"{len(writer.file_names)} shard(s)")
         for entry in entries:
-            leaf = checkpoint.read_param(ckpt, entry.ours, *meta[entry.ours])
+            leaf = checkpoint.read_param(ckpt, entry.ours, *meta[entry.ours]).astype(dtype, copy=False)
             for index, name in entry.hf_names():
-                writer.add(name, names.to_hf(leaf[index], entry).astype(dtype))
+                writer.add(name, names.to_hf(leaf[index], entry))
             del leaf
         writer.finish()
         config = to_hf(model, moe, dtype=dtype, bos_token_id=bos, eos_token_id=eos,

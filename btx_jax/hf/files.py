@@ -3,7 +3,8 @@
 Reading goes one tensor at a time through the ``safetensors`` package (numpy, memory-mapped), so a
 conversion holds one tensor plus whatever it is building, never the whole model. Writing follows
 ``save_pretrained``: shards of at most ``max_shard_bytes``, named ``model-0000k-of-0000n.safetensors``,
-with an index mapping every tensor to its shard (a single ``model.safetensors`` when it all fits).
+with an index mapping every tensor to its shard (a single ``model.safetensors`` when it all fits);
+each tensor is appended to its shard as it comes (the package's writer needs a whole shard in memory).
 """
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import os
 
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from btx_jax.hf.hf_config import HFError
 
@@ -65,15 +65,23 @@ class SafetensorsDir:
             return f.get_tensor(name)
 
 
+_CODES = {v: k for k, v in _DTYPES.items()}
+
+
 class ShardWriter:
-    """Writes tensors, in the order given to the constructor, into shards of at most `max_shard_bytes`.
+    """Writes tensors, in the order planned, into safetensors shards of at most `max_shard_bytes`.
 
-    The plan is made from the sizes up front, so the shard names (``-of-0000n``) are known before the
-    first is written and at most one shard is held in memory."""
+    The plan is made from the shapes up front, so the shard names (``-of-0000n``) and each shard's
+    header are known before its first tensor arrives; every tensor is then appended to its open
+    shard as it comes, so memory holds only the tensor being written, whatever the shard size. The
+    files are standard safetensors (8-byte header length, JSON header, the data in header order).
+    """
 
-    def __init__(self, output: str, sizes: list[tuple[str, int]], max_shard_bytes: int):
+    def __init__(self, output: str, tensors: list[tuple[str, tuple[int, ...], str]], max_shard_bytes: int):
         self.output, self.shards, current, used = output, [], [], 0
-        for name, nbytes in sizes:
+        self.spec = {name: (tuple(shape), dtype) for name, shape, dtype in tensors}
+        for name, shape, dtype in tensors:
+            nbytes = self.nbytes(name)
             if current and used + nbytes > max_shard_bytes:
                 self.shards.append(current)
                 current, used = [], 0
@@ -83,21 +91,43 @@ class ShardWriter:
         n = len(self.shards)
         self.file_names = [SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         self.shard_of = {name: i for i, shard in enumerate(self.shards) for name in shard}
-        self.total_size = sum(nbytes for _, nbytes in sizes)
-        self.pending: dict[str, np.ndarray] = {}
-        self.written = 0
+        self.total_size = sum(self.nbytes(name) for name in self.spec)
+        self.order = [name for shard in self.shards for name in shard]
+        self.next, self.file = 0, None
+
+    def nbytes(self, name: str) -> int:
+        shape, dtype = self.spec[name]
+        return int(np.prod(shape)) * np.dtype(dtype).itemsize
+
+    def _open(self, shard: int) -> None:
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name in self.shards[shard]:
+            shape, dtype = self.spec[name]
+            header[name] = {"dtype": _CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + self.nbytes(name)]}
+            offset += self.nbytes(name)
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as the safetensors writer does
+        self.file = open(os.path.join(self.output, self.file_names[shard]), "wb")
+        self.file.write(len(blob).to_bytes(8, "little") + blob)
 
     def add(self, name: str, array: np.ndarray) -> None:
-        self.pending[name] = array
+        if self.next >= len(self.order) or name != self.order[self.next]:
+            raise ValueError(f"shard writer: got {name}, expected {self.order[self.next] if self.next < len(self.order) else 'nothing'}")
+        shape, dtype = self.spec[name]
+        if tuple(array.shape) != shape or str(array.dtype) != dtype:
+            raise ValueError(f"shard writer: {name} is {array.shape} {array.dtype}, planned {shape} {dtype}")
         shard = self.shard_of[name]
-        if all(n in self.pending for n in self.shards[shard]):
-            save_file({n: self.pending.pop(n) for n in self.shards[shard]},
-                      os.path.join(self.output, self.file_names[shard]), metadata={"format": "pt"})
-            self.written += 1
+        if self.shards[shard][0] == name:
+            self._open(shard)
+        self.file.write(np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes())
+        self.next += 1
+        if self.shards[shard][-1] == name:
+            self.file.close()
+            self.file = None
 
     def finish(self) -> None:
-        if self.written != len(self.shards) or self.pending:
-            raise RuntimeError(f"shard writer: {len(self.shards) - self.written} shards incomplete")
+        if self.next != len(self.order):
+            raise RuntimeError(f"shard writer: {len(self.order) - self.next} tensors were never written")
         if len(self.shards) > 1:
             index = {"metadata": {"total_size": self.total_size},
                      "weight_map": {n: self.file_names[i] for n, i in sorted(self.shard_of.items())}}
