@@ -231,8 +231,9 @@ def check_same_architecture(sources: list[Source]) -> None:
     for other in sources[1:]:
         problems = [f"  {k}: missing in {other.label}" for k in reference.params if k not in other.params]
         problems += [f"  {k}: only in {other.label}" for k in other.params if k not in reference.params]
+        # shapes only: a dtype difference (a bf16 Hugging Face seed, float32 branches) is cast away in the merge
         problems += [f"  {k}: {reference.label} {reference.params[k][0]} vs {other.label} {other.params[k][0]}"
-                     for k in reference.params if k in other.params and reference.params[k] != other.params[k]]
+                     for k in reference.params if k in other.params and reference.params[k][0] != other.params[k][0]]
         if problems:
             raise MixError(f"{other.label} ({other.path}) does not have the architecture of {reference.label} "
                            f"({reference.path}):\n" + "\n".join(problems[:20])

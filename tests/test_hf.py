@@ -342,3 +342,47 @@ def test_recipe_refuses_a_model_config_that_does_not_describe_the_seed(tmp_path)
     with pytest.raises(ConfigError, match=r"mlp_dim=96 \(checkpoint: 64\)"):
         recipe.Recipe(c, str(tmp_path), out=quiet).import_seed(hf_dir)
     assert not os.path.exists(tmp_path / "seed" / "checkpoints" / "0")
+
+
+def test_hf_tokenizer_reads_a_sentencepiece_model_and_tokenizer_config_specials(tmp_path):
+    import sentencepiece as spm
+
+    text = open(os.path.join(FIXTURES, "..", "..", "..", "btx_jax", "models", "router.py"), encoding="utf-8").read()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text.splitlines()), model_prefix=str(tmp_path / "tokenizer"),
+                                   vocab_size=200, bos_id=1, eos_id=2, unk_id=0, pad_id=-1)
+    with open(tmp_path / "tokenizer_config.json", "w", encoding="utf-8") as f:  # ids only as tokens here
+        json.dump({"bos_token": {"content": "<s>"}, "eos_token": "</s>"}, f)
+    tok = HFTokenizer(str(tmp_path))
+    reference = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (1, 2, 200)
+    sample = "def route(x, kernel):\n    return top_k(softmax(x @ kernel))"
+    assert tok.encode(sample).tolist() == reference.encode(sample)
+    assert tok.decode(tok.encode(sample)) == reference.decode(reference.encode(sample))
+
+
+def test_an_imported_mixtral_finetunes(imported, demo_data_dir, tmp_path):
+    """An existing MoE from Hugging Face is a starting point for training: its params load, the steps run,
+    and the loss at step 1 is the imported model's (it starts from the checkpoint, not from scratch)."""
+    from btx_jax import train
+    from btx_jax.metrics import read_metrics
+
+    ckpt, manifest = imported["mixtral"]
+    c = config_of(manifest)
+    c.data.update(data_dir=demo_data_dir, seq_len=32, batch_size=8)
+    c.moe.update(group_size=32)
+    c.train.update(steps=3, init_from=ckpt, log_every=1, eval_every=3, eval_batches=1, checkpoint_every=3,
+                   peak_flops=1e11)
+    c.optim.update(warmup_steps=1, lr=1e-3)
+    train.run(c, str(tmp_path / "run"))
+    losses = [m["loss"] for m in read_metrics(str(tmp_path / "run")) if "loss" in m]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    # the step-1 loss is the imported model's NLL on the first training batch
+    from btx_jax import steps
+    from btx_jax.data import pipeline
+
+    setup = make_setup(c, sharding.make_mesh(c.mesh))
+    shardings = steps.batch_shardings(setup.mesh)
+    batch = next(pipeline.train_iterator(c.data, pipeline.open_sources(c.data, "train")))
+    nll, count = steps.make_eval_step(setup, shardings)(checkpoint.load_params(ckpt, setup.abstract_params),
+                                                        steps.to_global(batch, shardings))
+    np.testing.assert_allclose(losses[0], float(nll) / float(count), rtol=1e-5)

@@ -73,39 +73,41 @@ class HFTokenizer:
 
             self._tok = Tokenizer.from_file(os.path.join(directory, "tokenizer.json"))
             self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-            token_id = self._tok.token_to_id
-            self._encode = lambda text: self._tok.encode(text, add_special_tokens=False).ids
-            self._decode = self._tok.decode
         elif os.path.isfile(os.path.join(directory, "tokenizer.model")):
             import sentencepiece as spm
 
             self._sp = spm.SentencePieceProcessor(model_file=os.path.join(directory, "tokenizer.model"))
             self.vocab_size = self._sp.get_piece_size()
-            token_id = lambda piece: self._sp.piece_to_id(piece) if self._sp.piece_to_id(piece) != self._sp.unk_id() else None  # noqa: E731
-            self._encode, self._decode = self._sp.encode, self._sp.decode
         else:
             raise FileNotFoundError(f"{directory} has no tokenizer.json or tokenizer.model")
         config = _json(os.path.join(directory, "config.json"))
         generation = _json(os.path.join(directory, "generation_config.json"))
         tokens = _json(os.path.join(directory, "tokenizer_config.json"))
+        self.bos_id, self.eos_id = (self._special(name, config, generation, tokens) for name in ("bos", "eos"))
 
-        def special(name):
-            for source in (config, generation):
-                value = source.get(f"{name}_token_id")
-                if value is not None:
-                    return value[0] if isinstance(value, list) else int(value)
-            token = tokens.get(f"{name}_token")
-            token = token.get("content") if isinstance(token, dict) else token
-            return token_id(token) if token else None
+    def _special(self, name: str, *sources: dict) -> int | None:
+        for source in sources[:2]:
+            value = source.get(f"{name}_token_id")
+            if value is not None:
+                return int(value[0] if isinstance(value, list) else value)
+        token = sources[2].get(f"{name}_token")
+        token = token.get("content") if isinstance(token, dict) else token
+        return self.token_id(token) if token else None
 
-        self.bos_id, self.eos_id = special("bos"), special("eos")
+    def token_id(self, token: str) -> int | None:
+        if hasattr(self, "_tok"):
+            return self._tok.token_to_id(token)
+        piece = self._sp.piece_to_id(token)
+        return None if piece == self._sp.unk_id() and token != self._sp.id_to_piece(piece) else piece
 
     def encode(self, text: bytes | str) -> np.ndarray:
         text = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else text
-        return np.asarray(self._encode(text), dtype=np.int32)
+        ids = self._tok.encode(text, add_special_tokens=False).ids if hasattr(self, "_tok") else self._sp.encode(text)
+        return np.asarray(ids, dtype=np.int32)
 
     def decode(self, ids) -> str:
-        return self._decode([int(i) for i in ids])
+        ids = [int(i) for i in ids]
+        return self._tok.decode(ids) if hasattr(self, "_tok") else self._sp.decode(ids)
 
 
 def make_tokenizer(data_config):
