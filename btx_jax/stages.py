@@ -52,6 +52,19 @@ def fingerprint(fields: dict, inputs: dict[str, str]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def only_new_defaults(old: dict, fields: dict, inputs: dict) -> list[str] | None:
+    """The fields that `fields` adds to a record's config at their schema defaults, when that is the only
+    difference (None otherwise): a config option added to btx_jax later must not re-run finished work."""
+    from btx_jax.config import base_config
+
+    before = old.get("config", {})
+    if old.get("inputs") != inputs or any(k not in fields or fields[k] != v for k, v in before.items()):
+        return None
+    defaults = flatten(json.loads(base_config().to_json()))
+    added = sorted(k for k in fields if k not in before)
+    return added if all(k in defaults and defaults[k] == fields[k] for k in added) else None
+
+
 def describe_change(old: dict, new_fields: dict, new_inputs: dict) -> str:
     """A short human description of why a stage's fingerprint changed."""
     if "fingerprint" not in old:
@@ -97,6 +110,14 @@ class StageStore:
         fp = fingerprint(fields, input_ids)
         done = self._read(stage, "stage.json")
         started = self._read(stage, "fingerprint.json")
+        for name, record in (("stage.json", done), ("fingerprint.json", started)):
+            added = only_new_defaults(record, fields, input_ids) if record and record.get("fingerprint") != fp else None
+            if added:  # recorded before these fields existed; at their defaults they change nothing
+                record.update(fingerprint=fp, config=fields)
+                _write_json(self.path(stage) / name, record)
+                if name == "stage.json" or done is None:
+                    self.out(f"[recipe] {stage}: recorded before {', '.join(added)} existed; at their defaults "
+                             "they change nothing, so the record stands")
         stale = None
         if self._forced(stage):
             stale = "recipe.rerun_from asks for it"

@@ -245,3 +245,28 @@ def test_calibration_skips_a_domain_without_training_split(monkeypatch):
     sets = recipe.calibration_sets(tiny("unused"), ["code", "docs"], out=lines.append)
     assert sets == {"code": ["code-batch"]}
     assert "docs: no training split" in lines[0] and "uniform weights" in lines[0]
+
+
+def test_a_config_field_added_later_at_its_default_does_not_rerun_a_stage(tmp_path):
+    """A record written before a schema field existed stays valid while that field is at its default;
+    any other difference still re-runs the stage."""
+    from btx_jax.stages import StageStore, relevant_config
+
+    config = tiny("unused")
+    fields = relevant_config(config, ("model", "train"))
+    store = StageStore(str(tmp_path), out=lambda *_: None)
+    assert store.begin("seed", fields, []) is None
+    store.finish("seed", {"flops": 1.0})
+    record = json.loads((tmp_path / "seed" / "stage.json").read_text())
+    del record["config"]["model.rope_scaling"]  # as written before the field existed
+    record["fingerprint"] = "older"
+    (tmp_path / "seed" / "stage.json").write_text(json.dumps(record))
+    lines = []
+    assert StageStore(str(tmp_path), out=lines.append).begin("seed", fields, []) is not None
+    assert "recorded before model.rope_scaling existed" in lines[0]
+    record["config"]["model.d_model"] = 999  # a real change: re-run
+    record["fingerprint"] = "older"
+    del record["config"]["model.rope_factor"]
+    (tmp_path / "seed" / "stage.json").write_text(json.dumps(record))
+    assert StageStore(str(tmp_path), out=lambda *_: None).begin("seed", fields, []) is None
+    assert os.path.exists(tmp_path / "seed.previous" / "stage.json")
