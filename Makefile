@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(PY) -m btx_jax.recipe --config configs/btx_demo.py --workdir runs/btx
 
 test: $(STAMP)
-	$(PY) -m pytest tests -q -n 2 --durations=15
+	$(PY) -m pytest tests -q -n 2 --dist loadgroup --durations=15
 
 bench: $(STAMP)
 	$(PY) bench/train_step.py

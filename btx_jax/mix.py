@@ -37,7 +37,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 import btx_jax
-from btx_jax import checkpoint, config as config_lib, sharding, steps
+from btx_jax import checkpoint, compilation_cache, config as config_lib, sharding, steps
 from btx_jax.state import make_setup
 
 
@@ -542,6 +542,7 @@ def _define_flags():
 
 def main(argv):
     del argv
+    compilation_cache.enable()
     logging.set_verbosity(logging.WARNING)
     try:
         run(_CONFIG.value, dry_run=_DRY_RUN.value)

@@ -31,7 +31,8 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
-from btx_jax import compare as compare_lib, config as config_lib, evaluate, intervals, mix, report, sweep, train
+from btx_jax import compare as compare_lib, compilation_cache, config as config_lib, evaluate, intervals, mix, report, sweep
+from btx_jax import train
 from btx_jax.data.datasets import DataError
 from btx_jax.flops import train_flops_per_token
 from btx_jax.stages import StageStore, relevant_config
@@ -424,6 +425,7 @@ def _define_flags():
 
 def main(argv):
     del argv
+    compilation_cache.enable()
     logging.set_verbosity(logging.ERROR)
     if _WORKDIR.value is None:
         raise app.UsageError("--workdir is required")

@@ -16,7 +16,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from btx_jax import checkpoint, config as config_lib, sharding, steps
+from btx_jax import checkpoint, compilation_cache, config as config_lib, sharding, steps
 from btx_jax.evaluate import evaluate, load_eval_sets
 from btx_jax.data import pipeline
 from btx_jax.data.tokenizer import make_tokenizer
@@ -203,6 +203,7 @@ def maybe_initialize_distributed() -> None:
 
 def main(argv):
     del argv
+    compilation_cache.enable()
     logging.set_verbosity(logging.WARNING)  # library INFO logs drown the progress lines
     maybe_initialize_distributed()
     if _WORKDIR.value is None:

@@ -10,6 +10,13 @@ assert jax.device_count() == 8, "tests need 8 fake CPU devices; XLA_FLAGS was se
 
 import pytest  # noqa: E402
 
+from btx_jax import compilation_cache  # noqa: E402
+
+# One compilation cache for the whole run, shared by both xdist workers and the processes tests start:
+# many tests compile the same tiny models.
+os.environ.setdefault(compilation_cache.ENV, os.path.join(os.path.dirname(os.path.dirname(__file__)), ".cache", "jax"))
+compilation_cache.enable()
+
 
 @pytest.fixture(scope="session")
 def demo_data_dir(tmp_path_factory):

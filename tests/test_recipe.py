@@ -10,6 +10,9 @@ from btx_jax import recipe
 from btx_jax.config import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# every test here on one xdist worker (make test runs --dist loadgroup), so the recipe run that most of
+# them share (`finished`) is built once, not once per worker
+pytestmark = pytest.mark.xdist_group("recipe")
 
 
 def tiny(data_dir):
