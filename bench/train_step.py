@@ -1,9 +1,13 @@
-"""DENSE_BENCH train step FLOP/s as a fraction of the f32 matmul peak measured in the same process.
+"""DENSE_BENCH and DENSE_EQUIV train steps, next to Hugging Face transformers + torch on the same CPU.
 
-  .venv/bin/python bench/train_step.py [--repeats 10] [--mlp_dim 1536]
+  .venv/bin/python bench/train_step.py [--repeats 5] [--no_peers]
 
-Model FLOPs/step = 6 N T + 6 L d seq T (BENCH.md): 231.9 GFLOP for DENSE_BENCH.
-Goal: >= 0.75 of PEAK (Hugging Face transformers + torch on the same machine: 0.69, 0.74 compiled).
+Model FLOPs/step = 6 N T + 6 L d seq T (BENCH.md): 231.9 GFLOP for DENSE_BENCH (FFN 1536), and
+DENSE_EQUIV is the same model with FFN 3072. PEAK is each framework's best f32 2048^3 matmul in its
+own process. The torch side (bench/peers.py: LlamaForCausalLM of the same sizes, forward with
+labels, backward, AdamW, torch 2.13 eager, 2 threads) runs in the Python 3.11 torch venv, which
+this script builds on first use; without it (--no_peers, or no Python 3.11) our figures print alone.
+Goals: model FLOP/s >= 0.75 of PEAK, tokens/s >= torch's.
 """
 from __future__ import annotations
 
@@ -16,27 +20,44 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import best_time, dense_bench_config, train_step_runner  # noqa: E402
 from btx_jax.flops import measure_matmul_flops, train_flops_per_token  # noqa: E402
 
+FFN = {"DENSE_BENCH": 1536, "DENSE_EQUIV": 3072}
+
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--mlp_dim", type=int, default=1536)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--models", default="DENSE_BENCH,DENSE_EQUIV")
     parser.add_argument("--remat", default="none")
     parser.add_argument("--scan_unroll", type=int, default=1)
+    parser.add_argument("--no_peers", action="store_true", help="skip the torch side")
     args = parser.parse_args()
-    config = dense_bench_config(args.mlp_dim)
-    config.model.update(remat=args.remat, scan_unroll=args.scan_unroll)
-    tokens = config.data.batch_size * config.data.seq_len
-    flops = train_flops_per_token(config.model, config.data.seq_len) * tokens
-    run = train_step_runner(config)
+    models = args.models.split(",")
     peak = measure_matmul_flops()
-    step_s = best_time(run, args.repeats)
-    peak_after = measure_matmul_flops()
-    peak = max(peak, peak_after)
-    print(f"PEAK (f32 2048^3 matmul, best of 10): {peak / 1e9:.1f} GFLOP/s")
-    print(f"DENSE step: {flops / 1e9:.1f} GFLOP in {step_s * 1e3:.1f} ms (median of {args.repeats}) = "
-          f"{flops / step_s / 1e9:.1f} GFLOP/s, {tokens / step_s:,.0f} tokens/s")
-    print(f"ratio model FLOP/s / PEAK = {flops / step_s / peak:.3f}   (goal >= 0.75; HF torch 0.69, compiled 0.74)")
+    ours = {}
+    for name in models:
+        config = dense_bench_config(FFN[name])
+        config.model.update(remat=args.remat, scan_unroll=args.scan_unroll)
+        tokens = config.data.batch_size * config.data.seq_len
+        flops = train_flops_per_token(config.model, config.data.seq_len) * tokens
+        ours[name] = (best_time(train_step_runner(config), args.repeats), flops, tokens)
+    peak = max(peak, measure_matmul_flops())
+    torch = None
+    if not args.no_peers:
+        from peers import torch_figures
+        torch = torch_figures(tuple(models), args.repeats)
+    print(f"PEAK (f32 2048^3 matmul): btx_jax {peak / 1e9:.1f} GFLOP/s"
+          + (f", torch {torch['PEAK'] / 1e9:.1f} GFLOP/s ({torch['torch']}, transformers {torch['transformers']})"
+             if torch else "  (no torch venv: our figures alone)"))
+    print(f"{'model':<12} {'GFLOP':>7} | {'btx_jax s':>9} {'tok/s':>7} {'/PEAK':>6} |"
+          + (f" {'torch s':>8} {'tok/s':>7} {'/PEAK':>6} | {'ours/torch time':>15}" if torch else ""))
+    for name, (seconds, flops, tokens) in ours.items():
+        line = (f"{name:<12} {flops / 1e9:7.1f} | {seconds:9.3f} {tokens / seconds:7.0f} "
+                f"{flops / seconds / peak:6.3f} |")
+        if torch:
+            t = torch[name]
+            line += f" {t:8.3f} {tokens / t:7.0f} {flops / t / torch['PEAK']:6.3f} | {seconds / t:15.2f}"
+        print(line)
+    print("goals: /PEAK >= 0.75 and btx_jax tokens/s >= torch's (ours/torch time <= 1.00)")
 
 
 if __name__ == "__main__":

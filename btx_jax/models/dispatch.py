@@ -24,14 +24,19 @@ from btx_jax.sharding import BATCH_AXES, constrain
 
 
 def expert_ffn(x, w, dtype, dropout: float = 0.0, rng=None):
-    """SwiGLU per expert: x [E, ..., D], w = {gate, up: [E, D, F], down: [E, F, D]}."""
-    x = x.astype(dtype)
-    h = (jax.nn.silu(jnp.einsum("e...d,edf->e...f", x, w["gate"].astype(dtype)))
-         * jnp.einsum("e...d,edf->e...f", x, w["up"].astype(dtype)))
+    """SwiGLU per expert: x [E, ..., D], w = {gate, up: [E, D, F], down: [E, F, D]}.
+
+    The rows of each expert are flattened to one axis ([E, N, D]) so every dot has a single
+    contracting/free axis besides the expert batch axis (see transformer.Projection: XLA:CPU is
+    much slower on the weight gradient of a dot that contracts over two axes)."""
+    shape = x.shape
+    x = x.astype(dtype).reshape(shape[0], -1, shape[-1])
+    h = (jax.nn.silu(jnp.einsum("end,edf->enf", x, w["gate"].astype(dtype)))
+         * jnp.einsum("end,edf->enf", x, w["up"].astype(dtype)))
     if dropout > 0.0 and rng is not None:
         keep = jax.random.bernoulli(rng, 1.0 - dropout, h.shape)
         h = jnp.where(keep, h / (1.0 - dropout), 0.0).astype(dtype)
-    return jnp.einsum("e...f,efd->e...d", h, w["down"].astype(dtype))
+    return jnp.einsum("enf,efd->end", h, w["down"].astype(dtype)).reshape(shape)
 
 
 def _gates(routing: Routing, kept: jax.Array, dtype) -> jax.Array:
