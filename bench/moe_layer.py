@@ -6,7 +6,8 @@
    E=8 experts of width 1536, top-2, capacity factor 1.25, on 2048 tokens of width 512, for
    each dispatcher, / the same for a dense SwiGLU FFN of width 3072 (same active FLOPs).
 2. MOE_SCALING: the same ratio for E in 4, 8, 16, 32, and each dispatcher's E=32 / E=4 time.
-3. Train step: the MOE_BENCH model (DENSE_BENCH with MoE FFNs) / the DENSE_EQUIV model.
+3. Train step: the MOE_BENCH model (DENSE_BENCH with MoE FFNs) / the DENSE_EQUIV model, and both
+   against HF MixtralForCausalLM / LlamaForCausalLM in torch (bench/peers.py) when its venv builds.
 
 Timings are interleaved (one call of each variant per round, median over rounds) so that
 load from other processes hits every variant alike. Goals (BENCH.md): every dispatcher
@@ -98,7 +99,7 @@ def bench_layers(experts_list, repeats: int, group_size: int) -> None:
             for d in DISPATCHERS))
 
 
-def bench_train_step(repeats: int, group_size: int, dispatchers) -> None:
+def bench_train_step(repeats: int, group_size: int, dispatchers, peers: bool = True) -> None:
     print("== train step: MOE_BENCH (E=8, F=1536, top-2) / DENSE_EQUIV (F=3072)")
     runners = {"dense_equiv": train_step_runner(dense_bench_config(mlp_dim=K * F))}
     for d in dispatchers:
@@ -108,6 +109,18 @@ def bench_train_step(repeats: int, group_size: int, dispatchers) -> None:
     times = interleaved(runners, repeats)
     print(f"dense_equiv {times['dense_equiv'] * 1e3:.0f} ms | " + " | ".join(
         f"{d} {times[d] * 1e3:.0f} ms = {times[d] / times['dense_equiv']:.2f}x" for d in dispatchers))
+    if peers:
+        from peers import torch_figures
+
+        torch = torch_figures(("DENSE_EQUIV", "MOE_BENCH"), repeats)
+        if torch is None:
+            print("(no torch venv: no HF Mixtral figures)")
+            return
+        print(f"HF Mixtral (torch {torch['torch']}, grouped_mm): MOE_BENCH {torch['MOE_BENCH'] * 1e3:.0f} ms = "
+              f"{torch['MOE_BENCH'] / torch['DENSE_EQUIV']:.2f}x its DENSE_EQUIV ({torch['DENSE_EQUIV'] * 1e3:.0f} ms)")
+        print("btx_jax / torch, MOE_BENCH step: " + " | ".join(
+            f"{d} {times[d] / torch['MOE_BENCH']:.2f}x" for d in dispatchers)
+            + f" | DENSE_EQUIV {times['dense_equiv'] / torch['DENSE_EQUIV']:.2f}x   (goal <= 1.00)")
 
 
 def main():
@@ -117,13 +130,14 @@ def main():
     parser.add_argument("--group_size", type=int, default=256)
     parser.add_argument("--train_step_dispatchers", default="einsum,alltoall,dropless")
     parser.add_argument("--skip_train_step", action="store_true")
+    parser.add_argument("--no_peers", action="store_true", help="skip the HF Mixtral / torch side")
     args = parser.parse_args()
     mesh = jax.make_mesh((1, 1, 1, 1), sharding.MESH_AXES, devices=jax.devices()[:1],
                          axis_types=(jax.sharding.AxisType.Auto,) * 4)
     with sharding.use_mesh(mesh):
         bench_layers([int(e) for e in args.experts.split(",")], args.repeats, args.group_size)
     if not args.skip_train_step:
-        bench_train_step(args.repeats, args.group_size, args.train_step_dispatchers.split(","))
+        bench_train_step(args.repeats, args.group_size, args.train_step_dispatchers.split(","), not args.no_peers)
 
 
 if __name__ == "__main__":
