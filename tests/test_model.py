@@ -341,3 +341,21 @@ def test_bfloat16_compute_close_to_float32():
     assert abs_err > 0  # bf16 really was used
     # same argmax almost everywhere
     assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.9
+
+
+def test_causal_attention_skipping_hidden_blocks_equals_full_attention():
+    """Query block i attends to keys [0, (i+1) * block) only; on packed rows (several documents and
+    padding) with GQA this equals masked attention over all keys."""
+    from btx_jax.models.transformer import attention_mask, causal_attention
+
+    rng = np.random.default_rng(0)
+    b, t, h, kv, dh = 2, 64, 4, 2, 8
+    q, k, v = (jnp.asarray(rng.normal(size=(b, t, n, dh)), jnp.float32) for n in (h, kv, kv))
+    segment_ids = np.zeros((b, t), np.int32)
+    segment_ids[0, :20], segment_ids[0, 20:50] = 1, 2  # two documents, then padding
+    segment_ids[1, :] = 1
+    mask = attention_mask(jnp.asarray(segment_ids))[:, 0]
+    full = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+    for block in (8, 16, 32):
+        np.testing.assert_allclose(causal_attention(q, k, v, mask, block=block), full, atol=1e-6)
+    np.testing.assert_array_equal(causal_attention(q, k, v, mask, block=48), full)  # 64 % 48: no blocks
