@@ -28,7 +28,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--models", default="DENSE_BENCH,DENSE_EQUIV")
     parser.add_argument("--remat", default="none")
-    parser.add_argument("--scan_unroll", type=int, default=1)
+    parser.add_argument("--scan_unroll", type=int, default=0, help="0: auto (unrolled on CPU)")
     parser.add_argument("--no_peers", action="store_true", help="skip the torch side")
     args = parser.parse_args()
     models = args.models.split(",")

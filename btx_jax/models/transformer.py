@@ -47,7 +47,7 @@ class TransformerConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"
-    scan_unroll: int = 1  # layers per loop iteration; num_layers unrolls the stack completely
+    scan_unroll: int = 1  # layers per loop iteration; num_layers unrolls the stack completely; 0: auto
     moe: MoEConfig | None = None  # None: every FFN is dense
 
     @classmethod
@@ -219,6 +219,19 @@ class Block(nnx.Module):
         return constrain(x + y, "batch", "length", "act_embed"), aux
 
 
+AUTO_UNROLL_MAX_LAYERS = 16
+
+
+def scan_unroll(cfg: TransformerConfig) -> int:
+    """cfg.scan_unroll, with 0 (auto) = the whole stack on CPU up to AUTO_UNROLL_MAX_LAYERS layers, else 1.
+    On CPU the backward pass through the layer loop copies each layer's gradients and residuals in and out
+    of the stacked buffers; unrolled, XLA writes them in place. On accelerators the loop keeps compile time
+    flat in depth, which matters more."""
+    if cfg.scan_unroll:
+        return cfg.scan_unroll
+    return cfg.num_layers if jax.default_backend() == "cpu" and cfg.num_layers <= AUTO_UNROLL_MAX_LAYERS else 1
+
+
 def _stack(make, count: int, rngs: nnx.Rngs):
     """`count` modules stacked on a leading `layers` axis (for nnx.scan)."""
     @nnx.split_rngs(splits=count)
@@ -287,7 +300,7 @@ class Transformer(nnx.Module):
         count = cfg.num_layers if cfg.moe is None else cfg.num_layers // cfg.moe.moe_every
         keys = jax.random.split(rng, count)
         if cfg.moe is None or cfg.moe.moe_every == 1:
-            return scan_blocks(x, self.layers, keys, cfg.scan_unroll)
+            return scan_blocks(x, self.layers, keys, scan_unroll(cfg))
 
         def apply_group(x, moe_block, dense_blocks, key):
             x, _ = scan_blocks(x, dense_blocks, jax.random.split(key, cfg.moe.moe_every - 1), 1)
