@@ -32,7 +32,7 @@ from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
 from btx_jax import compare as compare_lib, compilation_cache, config as config_lib, evaluate, intervals, mix, report, sweep
-from btx_jax import train
+from btx_jax import pretrained_seed, train
 from btx_jax.data.datasets import DataError
 from btx_jax.flops import train_flops_per_token
 from btx_jax.stages import StageStore, relevant_config
@@ -133,42 +133,13 @@ class Recipe:
                                          "seconds": manifest["seconds"], "router_init": c.mix.router_init})
 
     def import_seed(self, source: str) -> dict:
-        """The seed stage for a pretrained seed: its params copied (converted, for a Hugging Face directory)
-        into ``seed/checkpoints/0``, where every later stage finds a seed. No training: zero FLOPs."""
-        from btx_jax import checkpoint, hf
-
+        """The seed stage for a pretrained seed (btx_jax/pretrained_seed.py). No training: zero FLOPs."""
         fields = relevant_config(self.config, ("model",)) | {"recipe.seed_from": os.path.abspath(source)}
         done = self.store.begin("seed", fields, [])
         if done is not None:
             return done
-        target = os.path.join(self.path("seed"), "checkpoints", "0")
-        if os.path.exists(target):  # written, but the stage marker was not: redo
-            shutil.rmtree(target)
         start = time.perf_counter()
-        model = self.config.model.to_dict()
-        if hf.is_hf_dir(source):
-            manifest = hf.import_checkpoint(source, target, param_dtype=model["param_dtype"], out=self.out)
-            differ = {k: (manifest["model"][k], model[k]) for k in manifest["model"]
-                      if k not in ("dtype", "remat", "scan_unroll", "init_std") and manifest["model"][k] != model[k]}
-            if differ:
-                shutil.rmtree(target)
-                raise config_lib.ConfigError(
-                    "model", f"does not describe recipe.seed_from {source}: " + ", ".join(
-                        f"{k}={ours!r} (checkpoint: {theirs!r})" for k, (theirs, ours) in differ.items()),
-                    "start from configs/btx_from_hf.py:<dir>, which reads the model fields from its config.json")
-        else:
-            from btx_jax.state import make_setup
-            from btx_jax import sharding
-
-            setup = make_setup(dense_config(self.config, 1), sharding.make_mesh(self.config.mesh))
-            checkpoint.check_compatible(source, setup.abstract_params)  # names every mismatched param
-            meta = checkpoint.param_metadata(source)
-            self.out(f"[recipe] seed: copying the params of {checkpoint.step_dir(source)} -> {target}")
-            with checkpoint.ParamWriter(target, "[recipe]", self.out) as writer:
-                for name, (shape, dtype) in meta.items():
-                    writer.write(name, checkpoint.read_param(source, name, shape, model["param_dtype"]))
-                writer.finish({"format": "btx_jax.seed_copy/1", "source": checkpoint.step_dir(source),
-                               "model": model, "moe": {"num_experts": 0}})
+        pretrained_seed.write_seed(self.config, source, os.path.join(self.path("seed"), "checkpoints", "0"), self.out)
         return self.store.finish("seed", {"steps": 0, "tokens": 0, "flops": 0.0, "kind": "import",
                                           "seconds": time.perf_counter() - start, "source": source})
 
