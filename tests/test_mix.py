@@ -273,7 +273,13 @@ def test_dry_run_prints_the_plan_and_writes_nothing(sources, tmp_path):
 
 def test_peak_memory_is_bounded_by_the_largest_leaf(tmp_path):
     """48 layers: the output is 0.6 GB and the four sources 0.8 GB, the largest merged leaf 0.2 GB;
-    peak RSS above the pre-merge baseline stays under 3x that leaf."""
+    peak RSS above the pre-merge baseline stays under 3.5x that leaf.
+
+    What this guards is streaming: a merge that held the output or the sources would be above 7x
+    the leaf here. Alone the surgeon peaks at 2.6-2.8x (the output leaf, the sources read ahead, and
+    Orbax's write buffers); with the other test worker loading the machine, the async reads and
+    writes overlap differently and 3.04x was seen, so 3x (BENCH.md's goal, which bench/mix.py
+    measures on an idle machine) would make this test flaky."""
     config = tiny_config(d_model=256, num_layers=48, num_heads=4, num_kv_heads=4, head_dim=64, mlp_dim=1024)
     seed = dense_params(config)
     write_checkpoint(tmp_path / "seed", seed)
@@ -300,4 +306,4 @@ def test_peak_memory_is_bounded_by_the_largest_leaf(tmp_path):
     leaf = manifest["largest_leaf_bytes"]
     assert leaf == 48 * 4 * 256 * 1024 * 4
     extra = manifest["peak_rss_bytes"] - manifest["rss_before_merge_bytes"]
-    assert extra < 3 * leaf, f"peak RSS {extra / 1e9:.2f} GB above baseline, largest leaf {leaf / 1e9:.2f} GB"
+    assert extra < 3.5 * leaf, f"peak RSS {extra / 1e9:.2f} GB above baseline, largest leaf {leaf / 1e9:.2f} GB"
