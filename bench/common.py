@@ -1,8 +1,6 @@
 """Bench helpers: configs from BENCH.md, timing, and a one-device train step."""
 from __future__ import annotations
 
-import time
-
 import jax
 import numpy as np
 
@@ -21,18 +19,6 @@ def dense_bench_config(mlp_dim: int = 1536):
     c.optim.update(warmup_steps=10)
     c.train.update(steps=1000)
     return c
-
-
-def best_time(fn, repeats: int, warmup: int = 2) -> float:
-    """Median seconds per call of fn() (which must block), after warm-up calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def train_step_runner(config):

@@ -56,27 +56,16 @@ def torch_figures(models=tuple(MODELS), repeats: int = 5, experts: tuple[int, ..
 
 
 def _worker(models: list[str], repeats: int, experts: list[int]) -> dict:
-    import time
-
-    import numpy as np
     import torch
     import transformers
     from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
+    from timing import best_time  # bench/ is sys.path[0]: this file runs as a script
+
     torch.manual_seed(0)
 
-    def median_time(fn) -> float:
-        for _ in range(2):
-            fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return float(np.median(times))
-
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    peak = 2 * 2048 ** 3 / min(median_time(lambda: torch.mm(a, b)) for _ in range(3))
+    peak = 2 * 2048 ** 3 / min(best_time(lambda: torch.mm(a, b), repeats) for _ in range(3))
 
     def step_time(kind: str, extra: dict) -> float:
         if kind == "llama":
@@ -95,7 +84,7 @@ def _worker(models: list[str], repeats: int, experts: list[int]) -> dict:
             loss.backward()
             opt.step()
 
-        return median_time(step)
+        return best_time(step, repeats)
 
     figures = {"PEAK": peak, "torch": torch.__version__, "transformers": transformers.__version__,
                "threads": torch.get_num_threads()}

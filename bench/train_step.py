@@ -17,7 +17,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import best_time, dense_bench_config, train_step_runner  # noqa: E402
+from common import dense_bench_config, train_step_runner  # noqa: E402
+from timing import best_time  # noqa: E402
 from btx_jax.flops import measure_matmul_flops, train_flops_per_token  # noqa: E402
 
 FFN = {"DENSE_BENCH": 1536, "DENSE_EQUIV": 3072}

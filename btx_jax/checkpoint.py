@@ -94,25 +94,30 @@ def read_param(path: str, name: str, shape, dtype) -> np.ndarray:
     """One param (``name`` like ``layers/mlp/gate/kernel``) of a checkpoint as a host numpy array.
 
     A partial restore: nothing else is read, so memory is this one array."""
-    item, restore_args = {}, {}
-    node, args = item, restore_args
-    keys = ["params", *name.split("/")]
-    for k in keys[:-1]:
-        node, args = node.setdefault(k, {}), args.setdefault(k, {})
-    node[keys[-1]] = jax.ShapeDtypeStruct(tuple(shape), dtype)
-    args[keys[-1]] = ocp.RestoreArgs(restore_type=np.ndarray)
+    item = nested({}, f"params/{name}", jax.ShapeDtypeStruct(tuple(shape), dtype))
+    restore_args = nested({}, f"params/{name}", ocp.RestoreArgs(restore_type=np.ndarray))
     restored = ocp.PyTreeCheckpointer().restore(
         os.path.join(step_dir(path), "state"),
         args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
-    for k in keys:
+    for k in ["params", *name.split("/")]:
         restored = restored[k]
     return np.asarray(restored)
 
 
+def nested(tree: dict, path: str, value) -> dict:
+    """Puts `value` at ``a/b/c`` in a nested dict (creating the levels); returns the tree."""
+    node = tree
+    *parents, leaf = path.split("/")
+    for k in parents:
+        node = node.setdefault(k, {})
+    node[leaf] = value
+    return tree
+
+
 def saved_model_config(path: str) -> dict:
-    """{"model": {...}, "moe": {...}, "tokenizer": data.tokenizer or None} of a checkpoint: from the run's
-    saved config (btx_jax.train) or the ``manifest.json`` that btx_jax.mix and the Hugging Face import
-    write next to ``state``."""
+    """{"model": {...}, "moe": {...}, "tokenizer": data.tokenizer or None, "hf": what a Hugging Face import
+    recorded of its source or {}} of a checkpoint: from the run's saved config (btx_jax.train) or the
+    ``manifest.json`` that btx_jax.mix and the Hugging Face import write next to ``state``."""
     directory = step_dir(path)
     manifest = os.path.join(directory, "manifest.json")
     if os.path.isfile(manifest):
@@ -127,7 +132,8 @@ def saved_model_config(path: str) -> dict:
     if "model" not in saved:
         raise CheckpointError(f"{directory}: the saved config has no model section")
     tokenizer = (saved.get("data") or {}).get("tokenizer", saved.get("tokenizer"))
-    return {"model": saved["model"], "moe": saved.get("moe") or {"num_experts": 0}, "tokenizer": tokenizer}
+    return {"model": saved["model"], "moe": saved.get("moe") or {"num_experts": 0}, "tokenizer": tokenizer,
+            "hf": saved.get("hf") or {}}
 
 
 class ParamWriter:
@@ -165,12 +171,7 @@ class ParamWriter:
         """Saves one param (``name`` like ``layers/mlp/gate/kernel``); a host or jax array."""
         from orbax.checkpoint.experimental.v1 import partial as partial_save
 
-        root = node = {}
-        keys = ["params", *name.split("/")]
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = value
-        partial_save.save(self.tmp, root)
+        partial_save.save(self.tmp, nested({}, f"params/{name}", value))
 
     def finish(self, manifest: dict) -> None:
         from orbax.checkpoint.experimental.v1 import partial as partial_save

@@ -501,10 +501,7 @@ def run(config, dry_run: bool = False, out=print) -> dict:
         if keep is not None:
             params = {}
             for path, array in keep.items():
-                node = params
-                for k in path.split("/")[:-1]:
-                    node = node.setdefault(k, {})
-                node[path.split("/")[-1]] = array
+                checkpoint.nested(params, path, array)
             router = centroid_router(config, setup, params, ffn_labels, len(experts), out)
             del params, keep
             writer.write(_ROUTER, router)

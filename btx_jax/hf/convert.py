@@ -74,7 +74,6 @@ class DenseReader:
             raise HFError(f"{path} is a Mixtral (MoE) checkpoint; the surgeon merges dense models\n"
                           "  fix: give dense Llama-family directories or btx_jax checkpoints")
         self.files = SafetensorsDir(path)
-        self.model = model
         entries = names.table(model, moe)
         check_tensors(self.files, entries, model["tie_embeddings"])
         self.entries = {e.ours: e for e in entries}
@@ -114,15 +113,6 @@ def import_checkpoint(hf_dir: str, output: str, *, param_dtype: str = "float32",
     return manifest
 
 
-def _hf_info(ckpt: str) -> dict:
-    """What an imported checkpoint recorded about its source ({} otherwise)."""
-    manifest = os.path.join(checkpoint.step_dir(ckpt), "manifest.json")
-    if os.path.isfile(manifest):
-        with open(manifest, encoding="utf-8") as f:
-            return json.load(f).get("hf") or {}
-    return {}
-
-
 def export_checkpoint(ckpt: str, output: str, *, dtype: str | None = None, max_shard_bytes: int = 2_000_000_000,
                       tokenizer_dir: str | None = None, max_position_embeddings: int | None = None,
                       save_logits: bool = False, out=print) -> dict:
@@ -141,7 +131,7 @@ def export_checkpoint(ckpt: str, output: str, *, dtype: str | None = None, max_s
     if problems:
         raise HFError(f"{ckpt}: params do not match its saved config:\n" + "\n".join(problems))
     dtype = dtype or meta["embed/embedding"][1]
-    info = _hf_info(ckpt)
+    info = saved["hf"]
     tokenizer_dir = tokenizer_dir or info.get("source")
     bos, eos = _special_ids(tokenizer_dir, info)
     output = os.path.abspath(os.path.expanduser(output))

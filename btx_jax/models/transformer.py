@@ -168,7 +168,7 @@ class Attention(nnx.Module):
         self.k = Projection((d, k, dh), ("embed", "kv_heads", "head_dim"), std=std, cfg=cfg, rngs=rngs)
         self.v = Projection((d, k, dh), ("embed", "kv_heads", "head_dim"), std=std, cfg=cfg, rngs=rngs)
         self.o = Projection((h, dh, d), ("heads", "head_dim", "embed"), std=std, cfg=cfg, rngs=rngs)
-        self.num_kv_heads, self.cfg = k, cfg
+        self.cfg = cfg
 
     def __call__(self, x, segment_ids, positions):
         inv_freq = rope_frequencies(self.cfg)
