@@ -124,6 +124,10 @@ def base_config() -> ConfigDict:
         # gets this share and the branches and finetune the rest in their proportion (btx_jax/sweep.py)
         seed_share=0.0,
         sweep="",              # e.g. seed_share:0.3,0.5,0.7,0.9: the comparison at each seed share (btx_jax/sweep.py)
+        # Running at scale (python -m btx_jax.recipe --plan; launch/btx_driver.py):
+        target="",             # hardware the stages run on, a name in btx_jax/hardware.py (e.g. v5p-128, 8xH100); "": this host
+        assumed_mfu=0.5,       # --plan's wall-clock estimate: model FLOP/s / the target's peak
+        moe_mesh="",           # mesh of the MoE stages, e.g. "expert=4,fsdp=-1"; "": the mesh section (all stages)
     ))
     c.mesh = ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))  # -1: the remaining devices
     c.data = ConfigDict(dict(
@@ -154,6 +158,8 @@ def base_config() -> ConfigDict:
         checkpoint_every=200, keep_checkpoints=3,
         init_from="",          # checkpoint dir (or step dir) whose params start this run, fresh optimizer
         peak_flops=0.0,        # FLOP/s of the whole job for MFU; 0: look up / measure
+        grad_accum=1,          # microbatches per step (gradients summed over them): data.batch_size rows per step,
+                               # batch_size / grad_accum in memory at once
     ))
     return c
 

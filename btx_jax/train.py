@@ -6,7 +6,6 @@ automatically from the latest checkpoint in the workdir. SIGTERM/SIGINT save and
 """
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import time
@@ -16,7 +15,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from btx_jax import checkpoint, compilation_cache, config as config_lib, sharding, steps
+from btx_jax import checkpoint, compilation_cache, config as config_lib, distributed, sharding, steps
 from btx_jax.evaluate import evaluate, load_eval_sets
 from btx_jax.data import pipeline
 from btx_jax.data.tokenizer import make_tokenizer
@@ -188,24 +187,14 @@ def _define_flags():
     _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo_dense.py[:variant].",
                                               lock_config=True)
     _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard logs.")
-
-
-def maybe_initialize_distributed() -> None:
-    """Multi-host jobs join one JAX runtime: BTX_DISTRIBUTED=1 (set by launch/), SLURM, or a coordinator."""
-    env = os.environ
-    multi_host = (env.get("BTX_DISTRIBUTED") == "1" or "JAX_COORDINATOR_ADDRESS" in env
-                  or int(env.get("SLURM_NTASKS", "1")) > 1)
-    if multi_host:
-        jax.distributed.initialize()
-        print(f"[train] process {jax.process_index()} of {jax.process_count()}, "
-              f"{jax.local_device_count()} local / {jax.device_count()} devices", flush=True)
+    distributed.define_flags()
 
 
 def main(argv):
     del argv
     compilation_cache.enable()
     logging.set_verbosity(logging.WARNING)  # library INFO logs drown the progress lines
-    maybe_initialize_distributed()
+    distributed.initialize("[train]")
     if _WORKDIR.value is None:
         raise app.UsageError("--workdir is required: the directory for checkpoints and logs")
     try:
