@@ -21,77 +21,39 @@ training stage resumes from its checkpoint):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
-import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
-import numpy as np
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import ConfigDict, config_flags
 
-from btx_jax import compare as compare_lib, compilation_cache, config as config_lib, evaluate, intervals, mix, report, sweep
-from btx_jax import pretrained_seed, train
-from btx_jax.data.datasets import DataError
-from btx_jax.flops import train_flops_per_token
+from btx_jax import compare as compare_lib, compilation_cache, config as config_lib, distributed, evaluate, graph, mix
+from btx_jax import paths, plan, pretrained_seed, report, sweep, train
+from btx_jax.graph import Stage, compute, dense_config, items as _items, moe_config
+from btx_jax.results import calibration_sets, save_scores, summarise
 from btx_jax.stages import StageStore, relevant_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-# ---------------------------------------------------------------------------------- stage configs
-
-def _items(spec: str) -> list[str]:
-    return [s.strip() for s in spec.split(",") if s.strip()]
-
-
-def dense_config(config, steps: int, *, lr=None, warmup=None, init_from="", domain=None) -> ConfigDict:
-    """A dense training config from the recipe config (its model, data, optim and train sections)."""
-    c = copy.deepcopy(config)
-    c.moe.num_experts = 0
-    c.train.update(steps=steps, init_from=init_from, eval_every=steps, checkpoint_every=min(c.train.checkpoint_every, steps),
-                   eval_batches=1)  # a stage's own eval is a progress line; the recipe's eval stage measures
-    c.optim.update(lr=c.optim.lr if lr is None else lr)
-    c.optim.warmup_steps = min(c.optim.warmup_steps if warmup is None else warmup, steps - 1)
-    if domain is not None:
-        c.data.weights = ConfigDict({d: float(d == domain) for d in c.data.domains})
-    return c
-
-
-def moe_config(config, steps: int, init_from: str, **moe_overrides) -> ConfigDict:
-    c = copy.deepcopy(config)
-    c.moe.update(**moe_overrides)
-    c.train.update(steps=steps, init_from=init_from, eval_every=steps, checkpoint_every=min(c.train.checkpoint_every, steps),
-                   eval_batches=1)
-    c.optim.update(lr=config.recipe.finetune_lr, warmup_steps=min(config.recipe.finetune_warmup, steps - 1))
-    return c
-
-
-def compute(c, steps: int | None = None) -> dict:
-    """Tokens and training FLOPs (6 x active params x tokens + attention) of a training config."""
-    steps = c.train.steps if steps is None else steps
-    tokens = steps * c.data.batch_size * c.data.seq_len
-    per_token = train_flops_per_token(c.model, c.data.seq_len, c.moe if c.moe.num_experts else None)
-    return {"steps": steps, "tokens": tokens, "flops": per_token * tokens}
-
-
-def matched_steps(c, flops: float) -> int:
-    """Steps of config `c` that spend `flops`."""
-    return max(1, int(round(flops / compute(c, 1)["flops"])))
 
 
 # ---------------------------------------------------------------------------------- the recipe
 
 TRAIN_SECTIONS = ("model", "data", "optim", "train")
 MIX_SECTIONS = ("model", "moe", "mix", "data")
+class StageNotReady(ValueError):
+    """``recipe --stage`` was asked for a stage whose inputs are not finished."""
 
 
 class Recipe:
     """Runs the stages of one trial in order; a stage whose fingerprint is unchanged is skipped."""
 
     def __init__(self, config, workdir: str, out=print):
-        self.config, self.workdir, self.out = config, os.path.abspath(workdir), out
+        self.config, self.workdir, self.out = config, paths.resolve(workdir), out
         self.domains = sorted(config.data.domains.keys())
         self.store = StageStore(self.workdir, out, config.recipe.rerun_from)
 
@@ -99,8 +61,8 @@ class Recipe:
     def records(self) -> dict[str, dict]:
         return self.store.records
 
-    def path(self, stage: str) -> str:
-        return os.path.join(self.workdir, stage)
+    def path(self, stage: str) -> epath.Path:
+        return self.workdir / stage
 
     def _begin_train(self, stage: str, c, inputs: list[str]) -> dict | None:
         sections = TRAIN_SECTIONS + (("moe",) if c.moe.num_experts else ())
@@ -117,100 +79,121 @@ class Recipe:
         self.out(f"[recipe] {stage}: training {c.train.steps} steps"
                  + (f" ({c.moe.num_experts} experts)" if c.moe.num_experts else "") + f" -> {self.path(stage)}")
         start = time.perf_counter()
-        final = train.run(c, self.path(stage))
+        final = train.run(c, str(self.path(stage)))
         return self._finish_train(stage, c, time.perf_counter() - start, final)
 
-    def mix_stage(self, stage: str, inputs: list[str], **mix_overrides) -> dict:
-        c = copy.deepcopy(self.config)
-        c.mix.update(output=os.path.join(self.path(stage), "checkpoint"), **mix_overrides)
+    def mix_stage(self, stage: str, inputs: list[str], c) -> dict:
         done = self.store.begin(stage, relevant_config(c, MIX_SECTIONS), inputs)
         if done is not None:
             return done
-        if os.path.exists(c.mix.output):  # written, but the stage marker was not: redo
-            shutil.rmtree(c.mix.output)
+        if epath.Path(c.mix.output).exists():  # written, but the stage marker was not: redo
+            epath.Path(c.mix.output).rmtree()
         manifest = mix.run(c, out=self.out)
         return self.store.finish(stage, {"steps": 0, "tokens": 0, "flops": 0.0, "kind": "mix",
                                          "seconds": manifest["seconds"], "router_init": c.mix.router_init})
 
     def import_seed(self, source: str) -> dict:
         """The seed stage for a pretrained seed (btx_jax/pretrained_seed.py). No training: zero FLOPs."""
-        fields = relevant_config(self.config, ("model",)) | {"recipe.seed_from": os.path.abspath(source)}
-        done = self.store.begin("seed", fields, [])
+        done = self.store.begin("seed", self.import_fields(), [])
         if done is not None:
             return done
         start = time.perf_counter()
-        pretrained_seed.write_seed(self.config, source, os.path.join(self.path("seed"), "checkpoints", "0"), self.out)
+        pretrained_seed.write_seed(self.config, source, str(self.path("seed") / "checkpoints" / "0"), self.out)
         return self.store.finish("seed", {"steps": 0, "tokens": 0, "flops": 0.0, "kind": "import",
                                           "seconds": time.perf_counter() - start, "source": source})
 
-    def branches(self) -> None:
-        r = self.config.recipe
-        configs = {f"branch/{d}": dense_config(self.config, r.branch_steps, lr=r.branch_lr, warmup=r.branch_warmup,
-                                               init_from=self.path("seed"), domain=d) for d in self.domains}
-        if not r.parallel_branches:
-            for stage, c in configs.items():
-                self.train_stage(stage, c, ["seed"])
-            return
-        pending = {stage: c for stage, c in configs.items() if self._begin_train(stage, c, ["seed"]) is None}
-        self._parallel(pending)
-
     def _parallel(self, stages: dict) -> None:
         """Each stage as its own `python -m btx_jax.train` process, all at once; recorded when all succeed."""
-        procs, start = {}, time.perf_counter()
+        procs, logs, start = {}, [], time.perf_counter()
+        local = tempfile.TemporaryDirectory(prefix="btx_stage_configs_")  # config_flags reads a local file
         for stage, c in stages.items():
-            config_file = os.path.join(self.path(stage), "stage_config.py")
-            with open(config_file, "w") as f:
-                f.write("import json\nfrom ml_collections import ConfigDict\n\n\ndef get_config(variant=None):\n"
-                        f"    return ConfigDict(json.loads({c.to_json()!r}))\n")
-            log = open(os.path.join(self.path(stage), "train.log"), "w")
-            self.out(f"[recipe] {stage}: started as a process (log: {log.name})")
+            config_file = epath.Path(local.name) / f"{stage.replace('/', '_')}.py"
+            config_file.write_text("import json\nfrom ml_collections import ConfigDict\n\n\ndef get_config(variant=None):\n"
+                                   f"    return ConfigDict(json.loads({c.to_json()!r}))\n")
+            (self.path(stage) / "stage_config.py").write_text(config_file.read_text())
+            if paths.is_url(self.workdir):  # a subprocess cannot write its log to a URL: it shares ours
+                log, where = None, "this output"
+            else:
+                log = open(self.path(stage) / "train.log", "w")  # noqa: SIM115 (closed below)
+                logs.append(log)
+                where = log.name
+            self.out(f"[recipe] {stage}: started as a process (log: {where})")
             procs[stage] = subprocess.Popen([sys.executable, "-m", "btx_jax.train", f"--config={config_file}",
                                              f"--workdir={self.path(stage)}"], cwd=REPO, stdout=log, stderr=log)
         failed = [s for s, p in procs.items() if p.wait() != 0]
+        for log in logs:
+            log.close()
+        local.cleanup()
         if failed:
             raise RuntimeError(f"branch processes failed: {failed}; see their train.log, then rerun to resume")
         for stage, c in stages.items():
             self._finish_train(stage, c, time.perf_counter() - start, {})
 
+    # ------------------------------------------------------------------------------ the stage graph
+
+    def stages(self) -> list[Stage]:
+        """Every stage of this trial, inputs first (btx_jax/graph.py): --plan, --stage and run use this list."""
+        return graph.trial_stages(self.config, self.path, self.domains)
+
+    def run_stage(self, stage: Stage) -> dict:
+        if stage.kind == "import":
+            return self.import_seed(self.config.recipe.seed_from)
+        if stage.kind == "mix":
+            return self.mix_stage(stage.name, stage.inputs, stage.config)
+        return self.train_stage(stage.name, stage.config, stage.inputs)
+
     def run(self) -> None:
         """Every training and surgery stage of the comparison (evaluation is btx_jax.compare's job)."""
-        config, r = self.config, self.config.recipe
-        branches = [f"branch/{d}" for d in self.domains]
-        if r.seed_from:
-            self.import_seed(r.seed_from)
-        else:
-            self.train_stage("seed", dense_config(config, r.seed_steps), [])
-        self.branches()
-        mix_common = dict(experts=",".join(self.path(b) for b in branches), seed=self.path("seed"),
-                          domains=",".join(self.domains))
-        self.mix_stage("mix", ["seed", *branches], **mix_common)
-        mixed = os.path.join(self.path("mix"), "checkpoint")
-        self.train_stage("finetune", moe_config(config, r.finetune_steps, mixed), ["mix"])
+        branches_done = False
+        for stage in self.stages():
+            if not stage.name.startswith("branch/"):
+                self.run_stage(stage)
+            elif not branches_done:
+                self.branches()
+                branches_done = True
 
-        after_seed = sum(self.records[b]["flops"] for b in branches) + self.records["finetune"]["flops"]
-        baselines = _items(r.baselines)
-        if "dense" in baselines:
-            # the seed trained on like a branch (same lr and warmup), but on the mixture
-            steps_ = matched_steps(dense_config(config, 1), after_seed)
-            self.train_stage("baseline/dense", dense_config(config, steps_, lr=r.branch_lr, warmup=r.branch_warmup,
-                                                            init_from=self.path("seed")), ["seed"])
-        if "upcycle" in baselines:
-            self.mix_stage("baseline/upcycle_mix", ["seed"], experts="", seed=self.path("seed"), seed_expert=False,
-                           copies=True, copy_noise=0.01, router_init="normal")
-            steps_ = matched_steps(moe_config(config, 1, ""), after_seed)
-            self.train_stage("baseline/upcycle", moe_config(
-                config, steps_, os.path.join(self.path("baseline/upcycle_mix"), "checkpoint")), ["baseline/upcycle_mix"])
-        variants = _items(r.variants)
-        if "top1" in variants:
-            self.train_stage("variant/top1", moe_config(config, r.finetune_steps, mixed, top_k=1), ["mix"])
-        if "no_load_balance" in variants:
-            self.train_stage("variant/no_load_balance",
-                             moe_config(config, r.finetune_steps, mixed, load_balance_weight=0.0), ["mix"])
-        if "random_router" in variants:
-            self.mix_stage("variant/random_router_mix", ["seed", *branches], **mix_common, router_init="normal")
-            self.train_stage("variant/random_router", moe_config(
-                config, r.finetune_steps, os.path.join(self.path("variant/random_router_mix"), "checkpoint")),
-                ["variant/random_router_mix"])
+    def branches(self) -> None:
+        """The branch stages: one after another, or as parallel processes (recipe.parallel_branches)."""
+        stages = [s for s in self.stages() if s.name.startswith("branch/")]
+        if not self.config.recipe.parallel_branches:
+            for stage in stages:
+                self.run_stage(stage)
+            return
+        self._parallel({s.name: s.config for s in stages if self._begin_train(s.name, s.config, s.inputs) is None})
+
+    def run_one(self, name: str) -> dict:
+        """One stage alone (``recipe --stage``, how the launch driver runs a stage on its own slice): its
+        inputs must be finished, in this workdir, under this config."""
+        graph = {s.name: s for s in self.stages()}
+        if name not in graph:
+            raise config_lib.ConfigError("recipe", f"--stage={name!r} is not a stage of this config",
+                                         f"use one of: {', '.join(graph)} (see --plan)")
+        self.check_finished(graph[name].inputs, f"stage {name}")
+        return self.run_stage(graph[name])
+
+    def check_finished(self, names: list[str], what: str) -> None:
+        """Loads the records of `names` (each must be finished and current: its own inputs are checked too)."""
+        graph = {s.name: s for s in self.stages()}
+        for name in names:
+            if name in self.records:
+                continue
+            self.check_finished(graph[name].inputs, what)
+            if self.store.status(name, self.fields(graph[name]), graph[name].inputs) != "done":
+                raise StageNotReady(f"{what} needs stage {name} finished first (under this config) in "
+                                    f"{self.workdir}\n  fix: run it first (`--stage={name}`), or run the whole recipe "
+                                    "without --stage; `--plan` shows what is done")
+            self.store.load(name)
+
+    def import_fields(self) -> dict:
+        return relevant_config(self.config, ("model",)) | {"recipe.seed_from": str(paths.resolve(self.config.recipe.seed_from))}
+
+    def fields(self, stage: Stage) -> dict:
+        """The config fields that decide a stage (its fingerprint)."""
+        if stage.kind == "import":
+            return self.import_fields()
+        if stage.kind == "mix":
+            return relevant_config(stage.config, MIX_SECTIONS)
+        return relevant_config(stage.config, TRAIN_SECTIONS + (("moe",) if stage.config.moe.num_experts else ()))
 
     def models(self) -> list[dict]:
         """Every trained model: name, stage, config (MoE models evaluated dropless), the stages it cost."""
@@ -248,96 +231,84 @@ def trial_config(config, trial: int) -> ConfigDict:
     return c
 
 
-def trial_dir(workdir: str, trial: int) -> str:
+def trial_dir(workdir, trial: int) -> epath.Path:
     """Trial 0 lives in the workdir itself, so adding seeds later reuses the first run."""
-    return workdir if trial == 0 else os.path.join(workdir, f"trial{trial}")
+    workdir = paths.resolve(workdir)
+    return workdir if trial == 0 else workdir / f"trial{trial}"
 
 
-def compare(config, workdir: str, out=print) -> dict:
+def trials(config, workdir, out=print) -> list[Recipe]:
+    return [Recipe(trial_config(config, i), trial_dir(workdir, i), out) for i in range(config.recipe.seeds)]
+
+
+@dataclasses.dataclass
+class Node:
+    """A stage of one trial in the whole run: trial i > 0's stages are named ``trial<i>/<stage>``."""
+
+    recipe: Recipe | None  # None for the report
+    stage: Stage
+    name: str
+    inputs: list[str]  # qualified names
+
+
+def stage_graph(config, workdir, out=print) -> list[Node]:
+    """Every stage of every trial, then the report (which needs them all)."""
+    nodes = []
+    for i, recipe in enumerate(trials(config, workdir, out)):
+        prefix = f"trial{i}/" if i else ""
+        nodes += [Node(recipe, stage, prefix + stage.name, [prefix + n for n in stage.inputs]) for stage in recipe.stages()]
+    everything = [n.name for n in nodes]
+    return [*nodes, Node(None, Stage("report", "report", everything, None), "report", everything)]
+
+
+def run_stage(config, workdir, name: str, out=print) -> None:
+    """``recipe --stage=NAME``: one stage alone, its inputs finished (how the launch driver runs a stage)."""
+    for node in stage_graph(config, workdir, out):
+        if node.name == name:
+            if node.stage.kind == "report":
+                results = evaluate_trials(config, workdir, trials(config, workdir, out), out)
+                report.write(paths.resolve(workdir) / "report", results, paths.resolve(workdir), out=out)
+            else:
+                node.recipe.run_one(node.stage.name)
+            return
+    names = [n.name for n in stage_graph(config, workdir, lambda _: None)]
+    raise config_lib.ConfigError("recipe", f"--stage={name!r} is not a stage of this config",
+                                 f"use one of: {', '.join(names)} (see --plan)")
+
+
+def compare(config, workdir, out=print) -> dict:
     """Trains every trial's stages, scores every model on the same documents, and summarises with intervals."""
     r = config.recipe
-    recipes = [Recipe(trial_config(config, i), trial_dir(workdir, i), out) for i in range(r.seeds)]
+    recipes = trials(config, workdir, out)
     for i, recipe in enumerate(recipes):
         if r.seeds > 1:
             out(f"[recipe] trial {i + 1}/{r.seeds} (train.seed={recipe.config.train.seed}, "
                 f"data.seed={recipe.config.data.seed}) -> {recipe.workdir}")
         recipe.run()
+    return evaluate_trials(config, workdir, recipes, out)
+
+
+def evaluate_trials(config, workdir, recipes: list[Recipe], out=print) -> dict:
+    """Every model of every (finished) trial scored on the same held-out documents, with intervals."""
+    r = config.recipe
+    for recipe in recipes:
+        recipe.check_finished([s.name for s in recipe.stages()], "the report")
     out(f"[recipe] eval: {'the whole held-out split' if not r.eval_tokens else f'{r.eval_tokens:,} tokens'} "
         f"per domain; BTM weights calibrated on {r.calibration_tokens:,} training tokens per domain")
     eval_sets = evaluate.load_eval_sets(config, max_tokens=r.eval_tokens)
     calibration = calibration_sets(config, list(eval_sets), out)
     scorer = compare_lib.Scorer()
-    trials = [compare_lib.score_trial(recipe, eval_sets, calibration, "btm" in _items(r.baselines), scorer, out)
+    scored = [compare_lib.score_trial(recipe, eval_sets, calibration, "btm" in _items(r.baselines), scorer, out)
               for recipe in recipes]
-    results = summarise(config, recipes, trials, eval_sets)
-    save_scores(os.path.join(workdir, "report", "scores.npz"), trials)
+    results = summarise(config, recipes, scored, eval_sets)
+    save_scores(paths.resolve(workdir) / "report" / "scores.npz", scored)
     return results
 
 
-def calibration_sets(config, domains: list[str], out=print) -> dict:
-    """The first recipe.calibration_tokens of each domain's training split (BTM's averaging weights);
-    a held-out-only domain without a training split gets none (its average is then uniform)."""
-    sets = {}
-    for domain in domains:
-        try:
-            sets |= evaluate.load_eval_sets(config, max_tokens=config.recipe.calibration_tokens, split="train",
-                                            names=[domain])
-        except DataError as e:
-            out(f"[recipe] {domain}: no training split to calibrate BTM's posterior average on ({e}); "
-                "it uses uniform weights there")
-    return sets
-
-
-def summarise(config, recipes, trials: list[dict], eval_sets: dict) -> dict:
-    """Point estimates, paired-bootstrap intervals, best-per-column, compute, drops and routing."""
-    domains = list(eval_sets)
-    train_domains = recipes[0].domains
-    names = list(trials[0])
-    scores = {name: [t[name]["scores"] for t in trials] for name in names}
-    reps = intervals.replicates(scores, domains, train_domains, num=config.recipe.bootstrap)
-    rows = []
-    for name in names:
-        first = trials[0][name]
-        stages = first["compute"]
-        row = {"model": name,
-               "ppl": {d: intervals.point(scores[name], d) for d in domains},
-               "interval": {d: intervals.interval(reps[name][d]) for d in domains},
-               "flops": float(np.mean([sum(rc.records[s]["flops"] for s in stages) for rc in recipes])),
-               "tokens": int(np.mean([sum(rc.records[s]["tokens"] for s in stages) for rc in recipes])),
-               "stages": stages}
-        row["avg_ppl"] = float(np.mean([row["ppl"][d] for d in train_domains]))
-        row["avg_interval"] = intervals.interval(reps[name]["avg"])
-        if first.get("drop"):
-            row["drop"] = {k: (None if any(t[name]["drop"][k] is None for t in trials)
-                               else float(np.mean([t[name]["drop"][k] for t in trials]))) for k in ("train", "eval")}
-        if "priors" in first:
-            row["priors"] = first["priors"]
-        rows.append(row)
-    best = {column: intervals.best(reps, column) for column in [*domains, "avg"]}
-    routing = {d: np.mean([t["BTX"]["routing"][d]["expert_usage"] for t in trials], axis=0).tolist() for d in domains}
-    return {"domains": domains, "train_domains": train_domains, "models": rows, "best": best, "routing": routing,
-            "trials": len(trials), "bootstrap": config.recipe.bootstrap,
-            "tokens_scored": {d: evaluate.scored_tokens(b) for d, b in eval_sets.items()},
-            "documents": {d: int(len(scores["seed"][0][d].nll)) for d in domains},
-            "calibration_tokens": config.recipe.calibration_tokens,
-            "stages": recipes[0].records}
-
-
-def save_scores(path: str, trials: list[dict]) -> None:
-    """Every model's per-document NLL and token counts, per trial and domain (to recompute any interval)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    arrays = {}
-    for i, trial in enumerate(trials):
-        for name, row in trial.items():
-            for domain, s in row["scores"].items():
-                arrays[f"{name}|{i}|{domain}|nll"] = s.nll
-                arrays[f"{name}|{i}|{domain}|tokens"] = s.tokens
-    np.savez_compressed(path, **arrays)
-
-
-def check(config) -> None:
-    """Recipe-specific config checks, before any work starts."""
-    config_lib.validate(config)
+def check(config, check_paths: bool = True) -> None:
+    """Recipe-specific config checks, before any work starts (`check_paths=False`: --plan, which may run
+    on a workstation that cannot see the run's paths)."""
+    config_lib.validate(config, check_paths=check_paths)
     r = config.recipe
     if not config.moe.num_experts:
         raise config_lib.ConfigError("moe.num_experts", "is 0", "set it to the number of domains (+1 with mix.seed_expert)")
@@ -366,7 +337,7 @@ def check(config) -> None:
                                          "name a stage: seed, branch[/<domain>], mix, finetune, baseline/<name>, "
                                          "variant/<name>")
     if r.seed_from:
-        if not os.path.exists(os.path.expanduser(r.seed_from)):
+        if check_paths and not paths.resolve(r.seed_from).exists():
             raise config_lib.ConfigError("recipe.seed_from", f"not found: {r.seed_from!r}",
                                          "give a Hugging Face model directory or a btx_jax checkpoint")
         if r.seed_share or "seed_share" in r.sweep:
@@ -376,22 +347,42 @@ def check(config) -> None:
     sweep.resolve(config)  # checks recipe.seed_share
 
 
-def run(config, workdir: str, out=print) -> dict:
+def run(config, workdir, out=print) -> dict:
     """The comparison (or, with recipe.sweep, one comparison per sweep point) and its report."""
     check(config)
-    workdir = os.path.abspath(workdir)
+    workdir = paths.resolve(workdir)
     if config.recipe.sweep:
         return sweep.run(config, workdir, compare, out)
     config = sweep.resolve(config)
     results = compare(config, workdir, out)
-    report.write(os.path.join(workdir, "report"), results, workdir, out=out)
+    report.write(workdir / "report", results, workdir, out=out)
     return results
 
 
 def _define_flags():
-    global _CONFIG, _WORKDIR
+    global _CONFIG, _WORKDIR, _PLAN, _PLAN_FORMAT, _STAGE
     _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe config, e.g. configs/btx_demo.py.", lock_config=True)
     _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for every stage, the evaluation and the report.")
+    _PLAN = flags.DEFINE_bool("plan", False, "Print every stage (command, mesh, devices, FLOPs, estimated time, "
+                              "memory per device, done or not) and exit; runs nothing.")
+    _PLAN_FORMAT = flags.DEFINE_enum("plan_format", "text", ["text", "json"], "--plan output: a table or JSON "
+                                     "(read by launch/btx.sh).")
+    _STAGE = flags.DEFINE_string("stage", None, "Run this one stage (its inputs must be finished), e.g. branch/code "
+                                 "or report; what launch/btx.sh runs on each stage's own slice.")
+    distributed.define_flags()
+
+
+def _config_args(argv: list[str]) -> list[str]:
+    """The --config flags of this command line, to repeat in each stage's command."""
+    args, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config"):
+            if "=" not in arg and i + 1 < len(argv):
+                arg, i = f"{arg}={argv[i + 1]}", i + 1
+            args.append(arg)
+        i += 1
+    return args
 
 
 def main(argv):
@@ -400,12 +391,24 @@ def main(argv):
     logging.set_verbosity(logging.ERROR)
     if _WORKDIR.value is None:
         raise app.UsageError("--workdir is required")
+    config = _CONFIG.value
     try:
-        run(_CONFIG.value, _WORKDIR.value)
+        if _PLAN.value:
+            check(config, check_paths=False)
+            config = sweep.resolve(config)
+            stage_plan = plan.build(config, _WORKDIR.value, _config_args(sys.argv[1:]))
+            print(plan.to_json(stage_plan) if _PLAN_FORMAT.value == "json" else plan.to_text(stage_plan))
+            return
+        distributed.initialize("[recipe]")
+        if _STAGE.value:
+            check(config)
+            run_stage(sweep.resolve(config), _WORKDIR.value, _STAGE.value)
+        else:
+            run(config, _WORKDIR.value)
     except train.TrainingInterrupted as e:
         print("[recipe] stopped; rerun the same command to resume", file=sys.stderr)
         sys.exit(128 + e.args[0])
-    except (*train.USER_ERRORS, mix.MixError) as e:
+    except (*train.USER_ERRORS, mix.MixError, StageNotReady) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

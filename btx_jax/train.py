@@ -12,6 +12,7 @@ import time
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -29,11 +30,24 @@ USER_ERRORS = (config_lib.ConfigError, DataError, checkpoint.CheckpointError)
 
 
 class StopRequested:
-    """Turns SIGTERM/SIGINT into a flag the loop checks after each step (save, then exit)."""
+    """Turns SIGTERM/SIGINT into a flag the loop checks after each step (save, then exit).
+
+    In a multi-process job every process must stop after the *same* step (the checkpoint is written
+    collectively), so there JAX's preemption notifier takes SIGTERM (a TPU or GKE preemption, `scancel`,
+    or `kill` of any one process) and `reached_preemption_sync_point` agrees on the step."""
 
     def __init__(self):
         self.signum = None
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        self._multi_process = jax.process_count() > 1
+        signals = () if self._multi_process else (signal.SIGTERM, signal.SIGINT)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in signals}
+
+    def check(self, step: int) -> bool:
+        """True once a stop was requested (in a multi-process job: at the step all processes agreed on)."""
+        if self._multi_process and self.signum is None and multihost_utils.reached_preemption_sync_point(step):
+            self.signum = signal.SIGTERM
+            print(f"\n[train] preemption notice: every process saves a checkpoint at step {step}", flush=True)
+        return self.signum is not None
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -132,6 +146,30 @@ def _log_eval(writer, step: int, metrics: dict) -> None:
         f"{k.split('/')[1]} ppl {v:.3f}" for k, v in metrics.items() if k.endswith("/ppl")), flush=True)
 
 
+def process_rows(config, batch_sharding) -> list[int]:
+    """The rows of the global batch that this process's devices hold, in order."""
+    rows = config.data.batch_size
+    index_map = batch_sharding.addressable_devices_indices_map((rows, config.data.seq_len))
+    return sorted({r for index in index_map.values() for r in range(*index[0].indices(rows))})
+
+
+def process_shards(config, batch_sharding) -> list[int]:
+    """The data shards (pipeline.train_iterator) whose rows of the global batch this process's devices hold,
+    in row order, so that the global batch is the same however many processes share it."""
+    rows, total = config.data.batch_size, pipeline.num_shards(config.data)
+    if total % jax.process_count() or rows % total:
+        raise config_lib.ConfigError("data.shards", f"{total} shards do not split over {jax.process_count()} processes "
+                                     f"and data.batch_size={rows} rows", "use a multiple of the process count that "
+                                     "divides batch_size (or 0: one per process)")
+    per_shard = rows // total
+    held = process_rows(config, batch_sharding)
+    shards = sorted({r // per_shard for r in held})
+    if len(held) != len(shards) * per_shard:
+        raise config_lib.ConfigError("data.shards", f"this process holds {len(held)} rows of the batch, not whole "
+                                     f"shards of {per_shard} rows", "use data.shards=0 (one per process)")
+    return shards
+
+
 class TrainingInterrupted(Exception):
     """Raised after the checkpoint is saved when a stop signal arrived; carries the signal number."""
 
@@ -144,14 +182,14 @@ def run(config, workdir: str) -> dict:
     sharding.check_divisible(config, mesh)
     setup = make_setup(config, mesh)
     _print_plan(config, mesh, setup, workdir)
+    shardings = steps.batch_shardings(mesh)
     data_iterator = pipeline.train_iterator(config.data, pipeline.open_sources(config.data, "train"),
-                                            jax.process_index(), jax.process_count())
-    eval_sets = load_eval_sets(config)
+                                            process_shards(config, shardings["inputs"]))
+    eval_sets = load_eval_sets(config, rows=process_rows(config, shardings["inputs"]) if jax.process_count() > 1 else None)
     manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints)
     state, step = initial_state(config, setup, manager, data_iterator)
-    writer = MetricsWriter(workdir, resume_step=step, enabled=jax.process_index() == 0)
+    writer = MetricsWriter(workdir, resume_step=step, enabled=distributed.is_main())
     writer.text("config", "<pre>" + config.to_json_best_effort(indent=2) + "</pre>")
-    shardings = steps.batch_shardings(mesh)
     train_step = steps.make_train_step(setup, shardings, config)
     eval_step = steps.make_eval_step(setup, shardings)
     lr_at, total = schedule(config.optim, config.train.steps), config.train.steps
@@ -168,7 +206,8 @@ def run(config, workdir: str) -> dict:
                 eval_metrics = evaluate(eval_step, state["params"], eval_sets, shardings)
                 _log_eval(writer, step, eval_metrics)
                 throughput.restart(step)
-            if _due(step, config.train.checkpoint_every, total) or stop.signum is not None:
+            stopping = stop.check(step)  # every step: a multi-process job's processes must agree on the step
+            if _due(step, config.train.checkpoint_every, total) or stopping:
                 checkpoint.save(manager, step, state, data_iterator, config)
         manager.wait_until_finished()
     finally:
