@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from btx_jax import recipe
+from btx_jax import plan, recipe
 from btx_jax.config import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -273,3 +273,54 @@ def test_a_config_field_added_later_at_its_default_does_not_rerun_a_stage(tmp_pa
     (tmp_path / "seed" / "stage.json").write_text(json.dumps(record))
     assert StageStore(str(tmp_path), out=lambda *_: None).begin("seed", fields, []) is None
     assert os.path.exists(tmp_path / "seed.previous" / "stage.json")
+
+
+# ------------------------------------------------------------------------------ --plan and --stage
+
+def _plan(config, workdir):
+    return plan.build(config, str(workdir), ["--config=configs/btx_demo.py:tiny"])
+
+
+def test_plan_lists_every_stage_in_dependency_groups_with_its_compute(demo_data_dir, tmp_path):
+    """A fresh workdir: every stage todo, inputs in earlier groups, the branches together, the report last;
+    FLOPs are the stage configs' (the numbers the report uses); each command runs one stage."""
+    config = tiny(demo_data_dir)
+    p = _plan(config, tmp_path)
+    stages = {s["name"]: s for s in p["stages"]}
+    assert p["groups"][0] == ["seed"] and p["groups"][-1] == ["report"]
+    assert {"branch/code", "branch/math", "branch/prose"} <= set(p["groups"][1])
+    for s in p["stages"]:
+        assert s["status"] == "todo" and not s["done"]
+        assert all(stages[i]["group"] < s["group"] for i in s["inputs"])
+        assert s["command"][-1] == f"--stage={s['name']}" and f"--workdir={tmp_path}" in s["command"]
+    graph = {s.name: s for s in recipe.Recipe(config, str(tmp_path)).stages()}
+    assert stages["finetune"]["flops"] == recipe.compute(graph["finetune"].config)["flops"] > 0
+    assert stages["mix"]["flops"] == 0 and stages["mix"]["inputs"] == ["seed", "branch/code", "branch/math",
+                                                                       "branch/prose"]
+    assert p["estimated_seconds"] is None  # no recipe.target: no estimate
+    text = plan.to_text(p)
+    assert "branch/code" in text and "--stage=report" in text
+
+
+def test_a_stage_alone_needs_its_inputs_finished(demo_data_dir, tmp_path):
+    with pytest.raises(recipe.StageNotReady, match="needs stage seed finished first"):
+        recipe.run_stage(tiny(demo_data_dir), str(tmp_path), "mix")
+    with pytest.raises(recipe.config_lib.ConfigError, match="not a stage of this config"):
+        recipe.run_stage(tiny(demo_data_dir), str(tmp_path), "branch/poetry")
+
+
+def test_stages_run_one_at_a_time_as_the_launch_driver_runs_them(finished, demo_data_dir, tmp_path):
+    """The plan of the finished run says every stage (and the report) is done; a workdir holding only the
+    seed runs `--stage=branch/code` alone, and the plan then shows it done and the mix still waiting."""
+    workdir, _, _ = finished
+    assert all(s["done"] for s in _plan(tiny(demo_data_dir), workdir)["stages"])
+    shutil.copytree(workdir / "seed", tmp_path / "seed")
+    lines = []
+    recipe.run_stage(tiny(demo_data_dir), str(tmp_path), "branch/code", out=lines.append)
+    assert "branch/code: training 3 steps" in "\n".join(lines)
+    status = {s["name"]: s["status"] for s in _plan(tiny(demo_data_dir), tmp_path)["stages"]}
+    assert status["seed"] == status["branch/code"] == "done"
+    assert status["branch/math"] == status["mix"] == status["report"] == "todo"
+    lines = []
+    recipe.run_stage(tiny(demo_data_dir), str(tmp_path), "branch/code", out=lines.append)
+    assert "branch/code: done, skipping" in "\n".join(lines)

@@ -73,3 +73,28 @@ def test_init_is_the_same_on_every_mesh():
     b = jax.device_get(init_params(config, make_setup(config, mesh_of(data=2, fsdp=2, tensor=2)), seed=3))
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(x, y)
+
+
+def test_multislice_mesh_puts_only_the_data_axis_across_slices():
+    """Two 4-device slices: the data axis (size 2) crosses slices, fsdp stays inside each slice."""
+    import dataclasses
+
+    from btx_jax.config import ConfigError
+    from btx_jax.sharding import multislice_grid
+
+    @dataclasses.dataclass(frozen=True)
+    class FakeDevice:
+        id: int
+        slice_index: int
+        process_index: int = 0
+        platform: str = "cpu"
+        device_kind: str = "cpu"
+
+    devices = [FakeDevice(i, i // 4) for i in range(8)]
+    grid = multislice_grid({"data": 2, "fsdp": 4, "expert": 1, "tensor": 1}, devices)
+    slices = np.vectorize(lambda d: d.slice_index)(grid)
+    assert grid.shape == (2, 4, 1, 1)
+    assert (slices[0] == 0).all() and (slices[1] == 1).all()
+    assert sorted(d.id for d in grid.ravel()) == list(range(8))
+    with pytest.raises(ConfigError, match="mesh.data"):
+        multislice_grid({"data": 1, "fsdp": 8, "expert": 1, "tensor": 1}, devices)
