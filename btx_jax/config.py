@@ -282,6 +282,10 @@ def _check_optim_train(c: ConfigDict) -> None:
     if c.optim.warmup_steps < 0 or c.optim.warmup_steps >= c.train.steps:
         raise ConfigError("optim.warmup_steps", f"{c.optim.warmup_steps} is not in [0, train.steps={c.train.steps})",
                           "use fewer warmup steps than training steps")
+    accum = c.train.grad_accum
+    if not isinstance(accum, int) or accum < 1 or c.data.batch_size % accum:
+        raise ConfigError("train.grad_accum", f"must be an integer >= 1 dividing data.batch_size={c.data.batch_size}, "
+                          f"got {accum!r}", "use 1 (no accumulation) or a divisor of data.batch_size")
     if c.train.init_from and not os.path.exists(os.path.expanduser(c.train.init_from)):
         raise ConfigError("train.init_from", f"checkpoint not found: {c.train.init_from!r}",
                           "point it to a workdir's checkpoints/ directory or one of its step directories")

@@ -6,11 +6,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-# Dense bf16 matmul peak per chip, FLOP/s (vendor figures).
-_PEAK_BY_DEVICE_KIND = {
-    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12,
-    "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100-SXM4-80GB": 312e12,
-}
+from btx_jax.hardware import PEAK_FLOPS_BY_KIND as _PEAK_BY_DEVICE_KIND  # dense bf16 FLOP/s per chip
 
 
 def matmul_params(m, moe=None) -> int:

@@ -49,6 +49,28 @@ RULES = (
 )
 
 
+def parse_mesh_spec(spec: str, field: str = "recipe.moe_mesh") -> ConfigDict:
+    """"expert=4,fsdp=-1" -> a mesh section (axes not named are 1), for one command-line string per mesh."""
+    sizes = dict.fromkeys(MESH_AXES, 1)
+    named = set()
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, _, value = (s.strip() for s in item.partition("="))
+        if name not in sizes:
+            raise ConfigError(field, f"unknown mesh axis {name!r} in {spec!r}", f"use axes among {', '.join(MESH_AXES)}")
+        if name in named:
+            raise ConfigError(field, f"axis {name!r} given twice in {spec!r}", "name each axis once")
+        try:
+            sizes[name] = int(value)
+        except ValueError:
+            raise ConfigError(field, f"{item!r} is not axis=size", "write e.g. 'expert=4,fsdp=-1'") from None
+        if sizes[name] == 0 or sizes[name] < -1:
+            raise ConfigError(field, f"{item!r}: a size must be positive or -1", "use e.g. 4, or -1 for the rest")
+        named.add(name)
+    if not named:
+        raise ConfigError(field, f"no mesh axis in {spec!r}", "write e.g. 'expert=4,fsdp=-1'")
+    return ConfigDict(sizes)
+
+
 def mesh_shape(mesh_config: ConfigDict, num_devices: int) -> dict[str, int]:
     """Resolves the one -1 entry (if any) so that the axis sizes multiply to `num_devices`."""
     sizes = {name: int(mesh_config[name]) for name in MESH_AXES}
@@ -120,6 +142,11 @@ def check_divisible(config: ConfigDict, mesh: Mesh) -> None:
     if config.data.batch_size % ways:
         raise ConfigError("data.batch_size", f"{config.data.batch_size} rows do not split over data x fsdp x expert "
                           f"= {batch_ways} devices ({jax.process_count()} processes)", f"use a multiple of {ways}")
+    accum = config.train.get("grad_accum", 1)
+    if (config.data.batch_size // accum) % batch_ways:
+        raise ConfigError("train.grad_accum", f"a microbatch of {config.data.batch_size} / {accum} rows does not split "
+                          f"over data x fsdp x expert = {batch_ways} devices",
+                          f"use a grad_accum that leaves a multiple of {batch_ways} rows per microbatch")
     checks = [("model.num_heads", m.num_heads, "tensor"), ("model.num_kv_heads", m.num_kv_heads, "tensor"),
               ("model.mlp_dim", m.mlp_dim, "tensor"), ("model.vocab_size", m.vocab_size, "tensor"),
               ("model.d_model", m.d_model, "fsdp")]

@@ -10,13 +10,16 @@ from btx_jax import sharding
 from btx_jax.state import TrainSetup
 
 
-def lm_loss(logits, batch, z_loss: float = 0.0):
-    """Mean token cross entropy over loss_mask, plus z_loss * log(Z)^2 (keeps logits bounded)."""
+def lm_loss(logits, batch, z_loss: float = 0.0, tokens=None):
+    """Mean token cross entropy over loss_mask, plus z_loss * log(Z)^2 (keeps logits bounded).
+
+    `tokens` is the mean's denominator, by default this batch's loss tokens; a microbatch passes
+    its whole step's, so that the microbatches' losses (and gradients) add up to the step's."""
     log_z = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
     nll = log_z - target_logit
     mask = batch["loss_mask"]
-    tokens = jnp.maximum(mask.sum(), 1.0)
+    tokens = jnp.maximum(mask.sum(), 1.0) if tokens is None else tokens
     ce = (nll * mask).sum() / tokens
     zl = z_loss * (jnp.square(log_z) * mask).sum() / tokens
     return ce + zl, {"loss": ce, "z_loss": zl}
@@ -37,22 +40,80 @@ def moe_loss(aux: dict, moe_config) -> tuple[jax.Array, dict]:
     return loss, {f"moe/{name}": value for name, value in aux.items()}
 
 
+def token_totals(batch) -> dict:
+    """The step's denominators: loss tokens (the LM loss) and non-padding tokens (what the router sees)."""
+    return {"loss": jnp.maximum(batch["loss_mask"].sum(), 1.0),
+            "routed": jnp.maximum((batch["segment_ids"] != 0).sum().astype(jnp.float32), 1.0)}
+
+
+def make_loss_fn(graphdef, config):
+    """(params, microbatch, rng, totals) -> (loss, metrics): this microbatch's share of the step's loss.
+
+    The NLL is summed over the microbatch and divided by the *step's* loss tokens, so the shares
+    (and their gradients) add up exactly to the full batch's mean. Router losses and ``moe/*``
+    metrics are the microbatch's own per-layer values weighted by its share of the step's
+    non-padding tokens: exact for token means (router z-loss, entropy, confidence, dropped
+    fraction), while the load-balancing loss, a product of two batch means, becomes the
+    token-weighted average of each microbatch's loss (as with per-group balancing); with
+    grad_accum = 1 every share is 1 and all of it is the full batch's.
+    """
+    def loss_fn(params, batch, rng, totals):
+        logits, aux = forward(graphdef, params, batch, train=True, rng=rng)
+        loss, metrics = lm_loss(logits, batch, config.optim.z_loss, tokens=totals["loss"])
+        router_loss, moe_metrics = moe_loss(aux, config.get("moe"))
+        share = (batch["segment_ids"] != 0).sum().astype(jnp.float32) / totals["routed"]
+        return loss + share * router_loss, metrics | jax.tree.map(lambda v: share * v, moe_metrics)
+
+    return loss_fn
+
+
+def _microbatches(batch: dict, count: int) -> dict:
+    """[B, ...] -> [count, B / count, ...] with microbatch i = rows i, i + count, ...: every device keeps
+    its own rows (a reshape of its shard, no communication) and each microbatch stays split over the batch axes."""
+    def split(x):
+        x = jnp.swapaxes(x.reshape(x.shape[0] // count, count, *x.shape[1:]), 0, 1)
+        return sharding.constrain(x, None, "batch", *([None] * (x.ndim - 2)))
+    return jax.tree.map(split, batch)
+
+
+def accumulate(grad_fn, params, batch, rng, count: int, param_shardings):
+    """Sum of `grad_fn`'s (grads, metrics) over `count` microbatches (a scan; `count` = 1: one call)."""
+    totals = token_totals(batch)
+    if count == 1:
+        (_, metrics), grads = grad_fn(params, batch, rng, totals)
+        return grads, metrics
+
+    def body(carry, inputs):
+        index, micro = inputs
+        (_, metrics), grads = grad_fn(params, micro, jax.random.fold_in(rng, index), totals)
+        return jax.tree.map(jnp.add, carry, (grads, metrics)), None
+
+    micro = _microbatches(batch, count)
+    first = jax.tree.map(lambda x: x[0], micro)
+    shapes = jax.eval_shape(lambda: grad_fn(params, first, rng, totals))
+    (_, metric_shapes), grad_shapes = shapes
+    zeros = jax.tree.map(lambda s, sh: jax.lax.with_sharding_constraint(jnp.zeros(s.shape, s.dtype), sh),
+                         grad_shapes, param_shardings)
+    init = (zeros, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes))
+    (grads, metrics), _ = jax.lax.scan(body, init, (jnp.arange(count), micro))
+    return grads, metrics
+
+
 def make_train_step(setup: TrainSetup, batch_shardings: dict, config):
     """(state, batch) -> (state, metrics), jitted with the state's shardings and donated.
 
-    Metrics are scalars, except ``moe/*`` entries: per MoE layer [L_moe] (``expert_usage`` [L_moe, E]).
+    With ``train.grad_accum`` = n the batch is n microbatches of batch_size / n rows, run one
+    after another; their gradients are summed into one update equal to the full batch's (see
+    :func:`make_loss_fn` for the router losses). Metrics are scalars, except ``moe/*`` entries:
+    per MoE layer [L_moe] (``expert_usage`` [L_moe, E]).
     """
     base_key = jax.random.key(config.train.seed)
-
-    def loss_fn(params, batch, rng):
-        logits, aux = forward(setup.graphdef, params, batch, train=True, rng=rng)
-        loss, metrics = lm_loss(logits, batch, config.optim.z_loss)
-        router_loss, moe_metrics = moe_loss(aux, config.get("moe"))
-        return loss + router_loss, metrics | moe_metrics
+    grad_fn = jax.value_and_grad(make_loss_fn(setup.graphdef, config), has_aux=True)
+    count = config.train.get("grad_accum", 1)
 
     def train_step(state, batch):
         rng = jax.random.fold_in(base_key, state["step"])
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, rng)
+        grads, metrics = accumulate(grad_fn, state["params"], batch, rng, count, setup.state_shardings["params"])
         updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics["grad_norm"] = optax.tree.norm(grads)
@@ -75,10 +136,17 @@ def make_eval_step(setup: TrainSetup, batch_shardings: dict):
 
 
 def _under_mesh(fn, mesh):
-    """Runs (and traces) `fn` with the mesh and logical rules in scope."""
+    """Runs (and traces) `fn` with the mesh and logical rules in scope; ``.lower(*args)`` lowers the
+    jitted `fn` there (ahead-of-time compilation, e.g. for XLA's memory analysis)."""
     def wrapped(*args):
         with sharding.use_mesh(mesh):
             return fn(*args)
+
+    def lower(*args):
+        with sharding.use_mesh(mesh):
+            return fn.lower(*args)
+
+    wrapped.lower = lower
     return wrapped
 
 

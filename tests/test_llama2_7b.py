@@ -1,29 +1,23 @@
 """The Llama-2-7B config builds abstractly on a pod-sized mesh, with the expected memory per chip."""
 import jax
 import numpy as np
-from jax.sharding import AbstractMesh, AxisType
 
 from btx_jax import config as config_lib
-from btx_jax.sharding import MESH_AXES
-from btx_jax.state import make_setup
 from btx_jax.config import load_config
-
-
-def _bytes_per_device(tree) -> int:
-    return int(sum(np.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+from btx_jax.memory import abstract_mesh, tree_bytes_per_device
+from btx_jax.state import make_setup
 
 
 def test_llama2_7b_shapes_and_bytes_per_device(capsys):
     config = load_config("configs/llama2_7b.py")
     config_lib.check_fields(config)
-    mesh = AbstractMesh((1, 128, 1, 1), MESH_AXES, axis_types=(AxisType.Auto,) * 4)
-    state = make_setup(config, mesh).abstract_state()
+    state = make_setup(config, abstract_mesh(config.mesh, 128)).abstract_state()  # fsdp=128: a v5p-256
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
     assert n_params == 6_738_415_616  # Llama-2-7B: 6.74B parameters
     p = state["params"]
     assert p["layers"]["mlp"]["gate"]["kernel"].shape == (32, 4096, 11008)
     assert p["layers"]["attn"]["q"]["kernel"].shape == (32, 4096, 32, 128)
-    params_b, opt_b = _bytes_per_device(state["params"]), _bytes_per_device(state["opt_state"])
+    params_b, opt_b = tree_bytes_per_device(state["params"]), tree_bytes_per_device(state["opt_state"])
     with capsys.disabled():
         print(f"\n[llama2_7b on fsdp=128] params {params_b / 1e9:.3f} GB/device, "
               f"optimizer state {opt_b / 1e9:.3f} GB/device")
