@@ -63,3 +63,12 @@ def initialize(tag: str = "[jax]") -> None:
 def is_main() -> bool:
     """Process 0 writes the files every process would otherwise write alike (metrics, reports, manifests)."""
     return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Waits until every process of a multi-process job gets here (a no-op for one process): after process 0
+    changed shared files that the others read next."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

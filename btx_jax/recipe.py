@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 
+import jax
 from absl import app, flags, logging
 from etils import epath
 from ml_collections import ConfigDict, config_flags
@@ -291,6 +292,10 @@ def compare(config, workdir, out=print) -> dict:
 def evaluate_trials(config, workdir, recipes: list[Recipe], out=print) -> dict:
     """Every model of every (finished) trial scored on the same held-out documents, with intervals."""
     r = config.recipe
+    if jax.process_count() > 1:  # per-document scores are gathered on one host
+        raise config_lib.ConfigError("recipe", "the evaluation and report run as one process, not in a "
+                                     f"{jax.process_count()}-process job", "run `--stage=report` on one host (every "
+                                     "training stage is done by then; launch/btx.sh does this)")
     for recipe in recipes:
         recipe.check_finished([s.name for s in recipe.stages()], "the report")
     out(f"[recipe] eval: {'the whole held-out split' if not r.eval_tokens else f'{r.eval_tokens:,} tokens'} "

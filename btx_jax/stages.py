@@ -19,6 +19,8 @@ import uuid
 
 from etils import epath
 
+from btx_jax import distributed
+
 # Fields that change how a stage reports, not what it computes.
 COSMETIC = {
     "train": ("log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "peak_flops",
@@ -103,6 +105,22 @@ class StageStore:
         return stage not in self._forced_done and any(
             stage == name or stage.startswith(name.rstrip("/") + "/") for name in self.rerun_from)
 
+    def status(self, stage: str, fields: dict, inputs: list[str]) -> str:
+        """done (finished under this fingerprint) | stale (finished under another, or rerun_from names it) |
+        started (interrupted) | todo. Reads only: `--plan` uses it. The inputs' records must be loaded."""
+        input_ids = {s: self.records[s]["run_id"] for s in inputs}
+        fp = fingerprint(fields, input_ids)
+        done = self._read(stage, "stage.json")
+        if done is not None:
+            current = done.get("fingerprint") == fp or only_new_defaults(done, fields, input_ids) is not None
+            return "done" if current and not self._forced(stage) else "stale"
+        return "started" if self._read(stage, "fingerprint.json") is not None else "todo"
+
+    def load(self, stage: str) -> dict:
+        """A finished stage's record (after :meth:`status` said done), kept for the stages that read it."""
+        self.records[stage] = self._read(stage, "stage.json")
+        return self.records[stage]
+
     def begin(self, stage: str, fields: dict, inputs: list[str]) -> dict | None:
         """The finished record if the stage is done under this fingerprint; otherwise prepares a (re)run
         (moving a stale run aside) and returns None."""
@@ -114,7 +132,8 @@ class StageStore:
             added = only_new_defaults(record, fields, input_ids) if record and record.get("fingerprint") != fp else None
             if added:  # recorded before these fields existed; at their defaults they change nothing
                 record.update(fingerprint=fp, config=fields)
-                _write_json(self.path(stage) / name, record)
+                if distributed.is_main():
+                    _write_json(self.path(stage) / name, record)
                 if name == "stage.json" or done is None:
                     self.out(f"[recipe] {stage}: recorded before {', '.join(added)} existed; at their defaults "
                              "they change nothing, so the record stands")
@@ -130,23 +149,29 @@ class StageStore:
             self.out(f"[recipe] {stage}: done, skipping")
             self.records[stage] = done
             return done
+        main = distributed.is_main()  # in a multi-process job, process 0 changes the shared files
         if stale is not None and self.path(stage).exists():
             previous = self.workdir / f"{stage}.previous"
-            if previous.exists():
+            if main and previous.exists():
                 previous.rmtree()
-            self.path(stage).rename(previous)
+            if main:
+                self.path(stage).rename(previous)
             self.out(f"[recipe] {stage}: re-running because {stale}; the old run is in {previous}")
-        self.path(stage).mkdir(parents=True, exist_ok=True)
         record = {"fingerprint": fp, "inputs": input_ids, "config": fields}
-        _write_json(self.path(stage) / "fingerprint.json", record)
+        if main:
+            self.path(stage).mkdir(parents=True, exist_ok=True)
+            _write_json(self.path(stage) / "fingerprint.json", record)
+        distributed.barrier(f"begin {stage}")
         self._pending[stage] = record
         return None
 
     def finish(self, stage: str, record: dict) -> dict:
         record = {**record, **self._pending.pop(stage), "run_id": uuid.uuid4().hex[:12]}
-        _write_json(self.path(stage) / "stage.json", record)
-        self.records[stage] = record
-        return record
+        if distributed.is_main():
+            _write_json(self.path(stage) / "stage.json", record)
+        distributed.barrier(f"finish {stage}")
+        self.records[stage] = self._read(stage, "stage.json")  # process 0's run_id, in every process
+        return self.records[stage]
 
 
 def _write_json(path: epath.Path, obj) -> None:

@@ -1,7 +1,8 @@
 """Multi-process training for real: two processes (jax.distributed on 127.0.0.1, 4 CPU devices each) train
 the dense model data-parallel and the MoE expert-parallel across both processes, are stopped by a
 SIGTERM to one of them (both save at the step they agree on), resume, and reproduce the losses of a
-one-process 8-device run step by step."""
+one-process 8-device run step by step; the recipe's stages run as a two-process job."""
+import json
 import os
 import signal
 import socket
@@ -113,3 +114,23 @@ def test_two_processes_stop_resume_and_match_one_process(kind, demo_data_dir, tm
     np.testing.assert_allclose([got[s] for s in range(1, STEPS + 1)], [expected[s] for s in range(1, STEPS + 1)],
                                rtol=2e-5, err_msg=f"stopped at step {stopped}")
     assert expected[STEPS] < expected[1] - 0.5  # it trained
+
+
+def test_recipe_stages_run_as_two_processes(demo_data_dir, tmp_path):
+    """`recipe --stage` in a two-process job (as launch/btx.sh runs a stage on a pod slice): process 0 keeps the
+    stage records, both agree on them, and a stage that is done is skipped by both."""
+    workdir = tmp_path / "btx"
+    command = [sys.executable, "-m", "btx_jax.recipe", "--config=configs/btx_demo.py:tiny", f"--workdir={workdir}",
+               f"--config.data.data_dir={demo_data_dir}", "--config.data.shards=2", "--config.train.peak_flops=1e11"]
+    for stage in ("seed", "branch/code", "seed"):
+        codes = _wait(_start_pair([*command, f"--stage={stage}"], workdir), workdir)
+        assert codes == [0, 0], _logs(workdir)[-4000:]
+    text = _logs(workdir)
+    assert text.count("seed: done, skipping") == 2  # the second `--stage=seed`, in both processes
+    seed = json.loads((workdir / "seed" / "stage.json").read_text())
+    branch = json.loads((workdir / "branch" / "code" / "stage.json").read_text())
+    assert branch["inputs"] == {"seed": seed["run_id"]} and seed["steps"] == 6
+    done = subprocess.run([*command, "--plan", "--plan_format=json"], cwd=REPO, env=_env(8), capture_output=True,
+                          text=True, timeout=300)
+    status = {s["name"]: s["status"] for s in json.loads(done.stdout)["stages"]}
+    assert status["seed"] == status["branch/code"] == "done" and status["branch/math"] == "todo"
