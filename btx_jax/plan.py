@@ -10,6 +10,7 @@ sum over groups of each group's longest stage (every stage on its own slice).
 from __future__ import annotations
 
 import json
+import logging
 import shlex
 import sys
 
@@ -44,9 +45,13 @@ def build(config, workdir, config_args: list[str]) -> dict:
     group = graph.groups([(n.name, n.inputs) for n in nodes])
     # on the target, each stage runs from the checkout with its own environment's python
     command = ["python" if target else sys.executable, "-m", "btx_jax.recipe", *config_args, f"--workdir={workdir}"]
-    stages, done = [], set()
+    logging.getLogger("gcsfs").setLevel(logging.CRITICAL)  # an unreachable bucket: one line below, not retries' traces
+    stages, done, unreadable = [], set(), None
     for node in nodes:
-        status = _status(node, done, workdir)
+        try:
+            status = "unknown" if unreadable else _status(node, done, workdir)
+        except Exception as e:  # noqa: BLE001 (a workstation without the bucket's credentials or network)
+            unreadable, status = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}", "unknown"
         if status == "done":
             done.add(node.name)
         c = node.stage.config if node.stage.config is not None else config
@@ -65,7 +70,7 @@ def build(config, workdir, config_args: list[str]) -> dict:
     return {"config": " ".join(config_args), "workdir": str(workdir), "target": r.target,
             "assumed_mfu": r.assumed_mfu, "peak_flops_per_device": target.peak_flops if target else None,
             "hbm_gb": target.hbm_bytes / 1e9 if target else None, "stages": stages, "groups": groups,
-            "estimated_seconds": _wall_clock(stages, groups) if peak else None}
+            "estimated_seconds": _wall_clock(stages, groups) if peak else None, "workdir_unreadable": unreadable}
 
 
 def _wall_clock(stages: list[dict], groups: list[list[str]]) -> float:
@@ -92,6 +97,9 @@ def to_text(plan: dict) -> str:
     mfu = f", at {plan['assumed_mfu']:.0%} MFU of {plan['peak_flops_per_device'] / 1e12:.0f} TFLOP/s per device" \
         if plan["peak_flops_per_device"] else " (no recipe.target: no time or memory estimate)"
     lines = [f"plan for {plan['config']} in {plan['workdir']} on {plan['target'] or 'this host'}{mfu}", ""]
+    if plan["workdir_unreadable"]:
+        lines[-1:-1] = [f"(the workdir cannot be read from here, so which stages are done is unknown: "
+                        f"{plan['workdir_unreadable']})"]
     header = f"{'group':>5}  {'stage':<28} {'status':<8} {'kind':<6} {'mesh (data,fsdp,expert,tensor)':<31} " \
              f"{'steps':>7} {'tokens':>10} {'FLOPs':>9} {'time':>8} {'GB/device':>9}"
     lines += [header, "-" * len(header)]

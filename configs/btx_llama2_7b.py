@@ -2,7 +2,7 @@
 Wikipedia experts -> a 4-expert top-2 MoE (the seed's FFN kept as the fourth expert) -> finetune.
 
   python -m btx_jax.recipe --config configs/btx_llama2_7b.py:v5p-128 --workdir gs://BUCKET/runs/btx --plan
-  launch/btx.sh configs/btx_llama2_7b.py:v5p-128 gs://BUCKET/runs/btx        # each stage on its own slice
+  launch/btx.sh --backend=tpu --config=configs/btx_llama2_7b.py:v5p-128 --workdir=gs://BUCKET/runs/btx  # a slice per stage
 
 Placeholders to replace before a run: ``SEED`` (a Hugging Face Llama-2-7b directory: the seed
 and its tokenizer) and the ``tfds:btx_*`` datasets (ArrayRecord TFDS builds with a ``text``
