@@ -1,8 +1,9 @@
 """Orbax checkpoints of a run: train state, grain iterator state and the config, per step.
 
 Layout: ``workdir/checkpoints/<step>/{state,data,config}``. Orbax writes each step into a
-temporary directory and renames it when complete, so an interrupted save never leaves a
-directory that looks like a finished checkpoint.
+temporary directory and renames it when complete (on GCS, where a rename is a copy, it writes
+``commit_success.txt`` last instead), so an interrupted save never leaves a directory that looks
+like a finished checkpoint. Paths may be URLs (``gs://...``): they go through :mod:`btx_jax.paths`.
 """
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+
+from btx_jax import paths
 
 
 class CheckpointError(ValueError):
@@ -23,7 +27,7 @@ class CheckpointError(ValueError):
 def make_manager(workdir: str, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
     return ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), "checkpoints"), options=options,
+        paths.resolve(workdir) / "checkpoints", options=options,
         item_names=("state", "data", "config"),
         item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
                        "config": ocp.JsonCheckpointHandler()})
@@ -44,23 +48,29 @@ def restore(manager, step: int, abstract_state: dict, data_iterator) -> dict:
     return restored["state"]
 
 
-def step_dir(path: str) -> str:
-    """A run's checkpoints/ dir (-> its latest step), a workdir, or one step's dir."""
-    path = os.path.abspath(os.path.expanduser(path))
-    if os.path.isdir(os.path.join(path, "state")):
-        return path
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        path = os.path.join(path, "checkpoints")
-    steps = sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(path) else []
+def step_dir(path) -> str:
+    """A run's checkpoints/ dir (-> its latest complete step), a workdir, or one step's dir."""
+    path = paths.resolve(path)
+    if (path / "state").is_dir():
+        return str(path)
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    steps = sorted(int(d.name) for d in path.iterdir() if d.name.isdigit() and _complete(d)) if path.is_dir() else []
     if not steps:
         raise CheckpointError(f"no complete checkpoint under {path}; give a workdir, its checkpoints/ "
                               "directory or a step directory of a finished save")
-    return os.path.join(path, str(steps[-1]))
+    return str(path / str(steps[-1]))
+
+
+def _complete(step: epath.Path) -> bool:
+    """A finished save: Orbax's own test (locally the name, renamed into place when done; on GCS its
+    commit_success.txt), or the manifest.json a params-only checkpoint writes last."""
+    return ocp.path.step.is_path_finalized(step) or (step / "manifest.json").exists()
 
 
 def param_metadata(path: str) -> dict:
     """{leaf path: (shape, dtype)} of a checkpoint's params, read without loading any array."""
-    meta = ocp.PyTreeCheckpointer().metadata(os.path.join(step_dir(path), "state")).item_metadata.tree
+    meta = ocp.PyTreeCheckpointer().metadata(epath.Path(step_dir(path)) / "state").item_metadata.tree
     flat = jax.tree_util.tree_flatten_with_path(meta["params"], is_leaf=lambda x: hasattr(x, "shape"))[0]
     return {jax.tree_util.keystr(k, simple=True, separator="/"): (tuple(v.shape), str(v.dtype)) for k, v in flat}
 
@@ -84,7 +94,7 @@ def load_params(path: str, abstract_params: dict) -> dict:
     check_compatible(path, abstract_params)
     restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, dtype=a.dtype), abstract_params)
     restored = ocp.PyTreeCheckpointer().restore(
-        os.path.join(step_dir(path), "state"),
+        epath.Path(step_dir(path)) / "state",
         args=ocp.args.PyTreeRestore(item={"params": abstract_params}, restore_args={"params": restore_args},
                                     partial_restore=True))
     return restored["params"]
@@ -118,15 +128,13 @@ def saved_model_config(path: str) -> dict:
     """{"model": {...}, "moe": {...}, "tokenizer": data.tokenizer or None, "hf": what a Hugging Face import
     recorded of its source or {}} of a checkpoint: from the run's saved config (btx_jax.train) or the
     ``manifest.json`` that btx_jax.mix and the Hugging Face import write next to ``state``."""
-    directory = step_dir(path)
-    manifest = os.path.join(directory, "manifest.json")
-    if os.path.isfile(manifest):
-        with open(manifest, encoding="utf-8") as f:
-            saved = json.load(f)
+    directory = epath.Path(step_dir(path))
+    manifest = directory / "manifest.json"
+    if manifest.is_file():
+        saved = json.loads(manifest.read_text())
     else:
         try:
-            with open(os.path.join(directory, "config", "metadata"), encoding="utf-8") as f:
-                saved = json.load(f)
+            saved = json.loads((directory / "config" / "metadata").read_text())
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{directory} has neither a manifest.json nor a saved run config ({e})") from e
     if "model" not in saved:

@@ -262,13 +262,13 @@ def _check_data(d: ConfigDict) -> None:
     if d.weights and sum(d.weights.get(n, 0.0) for n in d.domains) <= 0:
         raise ConfigError("data.weights", "all mixture weights are zero", "give at least one domain weight > 0")
     if d.tokenizer.startswith("hf:"):
-        directory = os.path.expanduser(d.tokenizer[3:])
-        if not any(os.path.isfile(os.path.join(directory, f)) for f in ("tokenizer.json", "tokenizer.model")):
-            raise ConfigError("data.tokenizer", f"{directory!r} has no tokenizer.json or tokenizer.model",
+        directory = _path("data.tokenizer", d.tokenizer[3:])
+        if not any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+            raise ConfigError("data.tokenizer", f"{str(directory)!r} has no tokenizer.json or tokenizer.model",
                               "point hf:<dir> to a Hugging Face checkpoint directory that ships its tokenizer")
     elif d.tokenizer not in TOKENIZERS:
         raise ConfigError("data.tokenizer", f"unknown tokenizer {d.tokenizer!r}", f"use one of {TOKENIZERS} or hf:<dir>")
-    if d.tokenizer == "sentencepiece" and not os.path.isfile(d.spm_model):
+    if d.tokenizer == "sentencepiece" and not _path("data.spm_model", d.spm_model).is_file():
         raise ConfigError("data.spm_model", f"SentencePiece model file not found: {d.spm_model!r}",
                           "train one with `python -m btx_jax.data.train_tokenizer` or point to an existing .model")
     _positive(ConfigDict({"data": d}), "data.seq_len", "data.batch_size", "data.max_chunks_per_doc")
@@ -286,9 +286,19 @@ def _check_optim_train(c: ConfigDict) -> None:
     if not isinstance(accum, int) or accum < 1 or c.data.batch_size % accum:
         raise ConfigError("train.grad_accum", f"must be an integer >= 1 dividing data.batch_size={c.data.batch_size}, "
                           f"got {accum!r}", "use 1 (no accumulation) or a divisor of data.batch_size")
-    if c.train.init_from and not os.path.exists(os.path.expanduser(c.train.init_from)):
+    if c.train.init_from and not _path("train.init_from", c.train.init_from).exists():
         raise ConfigError("train.init_from", f"checkpoint not found: {c.train.init_from!r}",
                           "point it to a workdir's checkpoints/ directory or one of its step directories")
+
+
+def _path(field: str, value: str):
+    """A path field (local, or a URL such as gs://...) as an etils.epath.Path."""
+    from btx_jax import paths
+
+    try:
+        return paths.resolve(value)
+    except ValueError as e:
+        raise ConfigError(field, str(e), "use a local path or a gs:// URL") from None
 
 
 def validate(config: ConfigDict) -> ConfigDict:
@@ -314,7 +324,7 @@ def load_config(spec: str) -> ConfigDict:
     import importlib.util
 
     path, _, variant = spec.partition(":")
-    if not os.path.isfile(path):
+    if not os.path.isfile(path):  # local: a Python config file
         raise FileNotFoundError(f"config file not found: {path}")
     module_spec = importlib.util.spec_from_file_location(f"btx_config_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(module_spec)

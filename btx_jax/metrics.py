@@ -1,11 +1,18 @@
-"""Metrics to TensorBoard (tensorboardX, no TensorFlow) and to ``workdir/metrics.jsonl``."""
+"""Metrics to TensorBoard (tensorboardX, no TensorFlow) and to ``workdir/metrics.jsonl``.
+
+The workdir may be a URL (``gs://...``, see :mod:`btx_jax.paths`): an object there cannot be
+appended to, so metrics.jsonl is rewritten whole at most every ``flush_secs`` and on close (a
+local file gets each line as it is written).
+"""
 from __future__ import annotations
 
 import json
-import os
+import time
 
 import numpy as np
 from tensorboardX import SummaryWriter
+
+from btx_jax import paths
 
 
 class MetricsWriter:
@@ -15,25 +22,43 @@ class MetricsWriter:
     that was interrupted) are dropped, so each step appears once.
     """
 
-    def __init__(self, workdir: str, resume_step: int = 0, enabled: bool = True):
+    def __init__(self, workdir, resume_step: int = 0, enabled: bool = True, flush_secs: float = 10):
         self.enabled = enabled
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        workdir = paths.resolve(workdir)
+        self.path = workdir / "metrics.jsonl"
         if not enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
-        self._truncate_after(resume_step)
-        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=10)
-        self._file = open(self.path, "a", encoding="utf-8")
+        workdir.mkdir(parents=True, exist_ok=True)
+        self._remote, self._flush_secs = paths.is_url(workdir), flush_secs
+        self._lines = [line for line in self._read_lines() if json.loads(line)["step"] <= resume_step]
+        self._upload()  # the truncated file, written under a temporary name and renamed
+        self.tb = SummaryWriter(str(workdir / "tensorboard"), flush_secs=flush_secs)
+        if not self._remote:
+            self._file, self._lines = self.path.open("a", encoding="utf-8"), None
 
-    def _truncate_after(self, step: int) -> None:
-        if not os.path.exists(self.path):
+    def _read_lines(self) -> list[str]:
+        if not self.path.exists():
+            return []
+        return [line if line.endswith("\n") else line + "\n" for line in self.path.read_text().splitlines() if line.strip()]
+
+    def _upload(self) -> None:
+        if self._remote:  # an object store replaces an object whole when its upload completes
+            self.path.write_text("".join(self._lines))
+        else:  # a local file is written under a temporary name and renamed, so it is never seen half-written
+            tmp = self.path.parent / (self.path.name + ".tmp")
+            tmp.write_text("".join(self._lines))
+            tmp.replace(self.path)
+        self._uploaded = time.monotonic()
+
+    def _write(self, record: dict) -> None:
+        line = json.dumps(record) + "\n"
+        if not self._remote:
+            self._file.write(line)
+            self._file.flush()
             return
-        with open(self.path, encoding="utf-8") as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(kept)
-        os.replace(tmp, self.path)
+        self._lines.append(line)
+        if time.monotonic() - self._uploaded >= self._flush_secs:
+            self._upload()
 
     def scalars(self, step: int, values: dict) -> None:
         if not self.enabled:
@@ -41,8 +66,7 @@ class MetricsWriter:
         clean = {k: float(np.asarray(v)) for k, v in values.items()}
         for name, value in clean.items():
             self.tb.add_scalar(name, value, step)
-        self._file.write(json.dumps({"step": int(step), **clean}) + "\n")
-        self._file.flush()
+        self._write({"step": int(step), **clean})
 
     def router_stats(self, step: int, per_layer: dict) -> None:
         """MoE router metrics, each [L_moe] (``expert_usage`` [L_moe, E]): per-layer scalars, the
@@ -62,8 +86,7 @@ class MetricsWriter:
                 for layer, value in enumerate(values):
                     self.tb.add_scalar(f"moe/layer{layer}/{name}", float(value), step)
         record = {f"moe/{k}": np.asarray(v, np.float64).round(6).tolist() for k, v in per_layer.items()}
-        self._file.write(json.dumps({"step": int(step), **record}) + "\n")
-        self._file.flush()
+        self._write({"step": int(step), **record})
 
     def text(self, tag: str, text: str, step: int = 0) -> None:
         if self.enabled:
@@ -72,7 +95,10 @@ class MetricsWriter:
     def close(self) -> None:
         if self.enabled:
             self.tb.close()
-            self._file.close()
+            if self._remote:
+                self._upload()
+            else:
+                self._file.close()
 
 
 def usage_heatmap(usage: np.ndarray, title: str = "fraction of routed tokens") -> np.ndarray:
@@ -97,7 +123,7 @@ def usage_heatmap(usage: np.ndarray, title: str = "fraction of routed tokens") -
     return image
 
 
-def read_metrics(workdir: str) -> list[dict]:
+def read_metrics(workdir) -> list[dict]:
     """All lines of a run's metrics.jsonl."""
-    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    text = (paths.resolve(workdir) / "metrics.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]

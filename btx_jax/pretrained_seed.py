@@ -6,10 +6,7 @@ btx_jax checkpoint is copied leaf by leaf (checked against ``model.*`` with ever
 """
 from __future__ import annotations
 
-import os
-import shutil
-
-from btx_jax import checkpoint, config as config_lib, hf, sharding
+from btx_jax import checkpoint, config as config_lib, hf, paths, sharding
 from btx_jax.state import make_setup
 
 IGNORED = ("dtype", "remat", "scan_unroll", "init_std")  # how the model runs or starts, not what it is
@@ -17,15 +14,15 @@ IGNORED = ("dtype", "remat", "scan_unroll", "init_std")  # how the model runs or
 
 def write_seed(config, source: str, target: str, out=print) -> None:
     """Writes the seed's params to `target` (removed first if a previous attempt left it)."""
-    if os.path.exists(target):
-        shutil.rmtree(target)
+    if paths.resolve(target).exists():
+        paths.resolve(target).rmtree()
     model = config.model.to_dict()
     if hf.is_hf_dir(source):
         manifest = hf.import_checkpoint(source, target, param_dtype=model["param_dtype"], out=out)
         differ = {k: (manifest["model"][k], model[k]) for k in manifest["model"]
                   if k not in IGNORED and manifest["model"][k] != model[k]}
         if differ:
-            shutil.rmtree(target)
+            paths.resolve(target).rmtree()
             raise config_lib.ConfigError(
                 "model", f"does not describe recipe.seed_from {source}: " + ", ".join(
                     f"{k}={ours!r} (checkpoint: {theirs!r})" for k, (theirs, ours) in differ.items()),

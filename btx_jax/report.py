@@ -1,12 +1,15 @@
-"""The recipe's report: perplexity table (markdown, CSV, JSON) and plots (PNG, also in TensorBoard)."""
+"""The recipe's report: perplexity table (markdown, CSV, JSON) and plots (PNG, also in TensorBoard).
+
+The report and work directories may be URLs (``gs://...``, see :mod:`btx_jax.paths`)."""
 from __future__ import annotations
 
 import csv
+import io
 import json
-import os
 
 import numpy as np
 
+from btx_jax import paths
 from btx_jax.metrics import read_metrics
 
 
@@ -62,36 +65,41 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n" + note
 
 
+def _png(fig, path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    path.write_bytes(buffer.getvalue())
+
+
 def _save(fig, path, images: dict):
     import matplotlib.pyplot as plt
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    _png(fig, path)
     fig.canvas.draw()
-    images[os.path.splitext(os.path.basename(path))[0]] = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    images[path.stem] = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
     plt.close(fig)
 
 
-def plots(report_dir: str, results: dict, workdir: str) -> dict:
+def plots(report_dir, results: dict, workdir) -> dict:
     """PNG files; returns {name: RGB array} for TensorBoard."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    images = {}
+    images, report_dir, workdir = {}, paths.resolve(report_dir), paths.resolve(workdir)
     # loss curves of every training stage
     stages = [s for s, r in results["stages"].items() if r.get("steps")]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for stage in stages:
-        path = os.path.join(workdir, stage, "metrics.jsonl")
-        if os.path.exists(path):
-            curve = [(m["step"], m["loss"]) for m in read_metrics(os.path.join(workdir, stage)) if "loss" in m]
+        if (workdir / stage / "metrics.jsonl").exists():
+            curve = [(m["step"], m["loss"]) for m in read_metrics(workdir / stage) if "loss" in m]
             ax.plot(*zip(*curve), label=stage)
     ax.set_xlabel("step")
     ax.set_ylabel("train loss (nats/token)")
     if ax.get_lines():
         ax.legend(fontsize=7)
     ax.set_title("loss per stage")
-    _save(fig, os.path.join(report_dir, "loss_curves.png"), images)
+    _save(fig, report_dir / "loss_curves.png", images)
 
     # routing: domain x expert per MoE layer
     routing = results.get("routing") or {}
@@ -110,7 +118,7 @@ def plots(report_dir: str, results: dict, workdir: str) -> dict:
             ax.set_yticklabels(domains if layer == 0 else [], fontsize=8)
         fig.colorbar(im, ax=axes[0].tolist(), shrink=0.9, label="fraction routed")
         fig.suptitle("BTX routing: domain x expert", fontsize=10)
-        fig.savefig(os.path.join(report_dir, "routing.png"), dpi=90)
+        _png(fig, report_dir / "routing.png")
         fig.canvas.draw()
         images["routing"] = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
         plt.close(fig)
@@ -125,7 +133,7 @@ def plots(report_dir: str, results: dict, workdir: str) -> dict:
         ax.set_ylabel("fraction of routed tokens")
         ax.legend(fontsize=7)
         ax.set_title("BTX expert usage (all eval domains)")
-        _save(fig, os.path.join(report_dir, "expert_usage.png"), images)
+        _save(fig, report_dir / "expert_usage.png", images)
 
     # perplexity vs compute
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
@@ -137,25 +145,25 @@ def plots(report_dir: str, results: dict, workdir: str) -> dict:
     ax.set_xlabel("training compute (PFLOP)")
     ax.set_ylabel("average held-out perplexity (train domains)")
     ax.set_title("perplexity vs compute")
-    _save(fig, os.path.join(report_dir, "ppl_vs_compute.png"), images)
+    _save(fig, report_dir / "ppl_vs_compute.png", images)
     return images
 
 
-def write(report_dir: str, results: dict, workdir: str, out=print) -> None:
-    os.makedirs(report_dir, exist_ok=True)
-    with open(os.path.join(report_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+def write(report_dir, results: dict, workdir, out=print) -> None:
+    report_dir = paths.resolve(report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    (report_dir / "results.json").write_text(json.dumps(results, indent=1))
     header, rows = _table(results)
-    with open(os.path.join(report_dir, "results.csv"), "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows([[c.strip("*") for c in row] for row in rows])
+    csv_text = io.StringIO(newline="")
+    writer = csv.writer(csv_text)
+    writer.writerow(header)
+    writer.writerows([[c.strip("*") for c in row] for row in rows])
+    (report_dir / "results.csv").write_bytes(csv_text.getvalue().encode())
     table = markdown(results)
-    with open(os.path.join(report_dir, "results.md"), "w") as f:
-        f.write("# BTX results\n\n" + table)
+    (report_dir / "results.md").write_text("# BTX results\n\n" + table)
     images = plots(report_dir, results, workdir)
     from tensorboardX import SummaryWriter
-    tb = SummaryWriter(os.path.join(report_dir, "tensorboard"))
+    tb = SummaryWriter(str(report_dir / "tensorboard"))
     tb.add_text("results", table)
     for name, image in images.items():
         tb.add_image(f"report/{name}", image, 0, dataformats="HWC")
@@ -163,7 +171,7 @@ def write(report_dir: str, results: dict, workdir: str, out=print) -> None:
     out(f"[recipe] report: {report_dir}\n" + table)
 
 
-def write_sweep(report_dir: str, sweep: dict, models, out=print) -> None:
+def write_sweep(report_dir, sweep: dict, models, out=print) -> None:
     """The sweep's table (markdown) and sweep.png: average and per-domain perplexity against the swept value."""
     import matplotlib
     matplotlib.use("Agg")
@@ -191,8 +199,8 @@ def write_sweep(report_dir: str, sweep: dict, models, out=print) -> None:
     table = "\n".join(lines) + ("\n\nPerplexity ± half the 95% paired-bootstrap interval at each point of the sweep; "
                                 "the total training budget is the same at every point; bold: the clear winner of the "
                                 "column among all models of that point (see each point's report).\n")
-    with open(os.path.join(report_dir, "sweep.md"), "w") as f:
-        f.write(f"# BTX sweep over {knob}\n\n" + table)
+    report_dir = paths.resolve(report_dir)
+    (report_dir / "sweep.md").write_text(f"# BTX sweep over {knob}\n\n" + table)
     fig, axes = plt.subplots(1, len(columns), figsize=(3.6 * len(columns), 3.6), squeeze=False)
     for ax, c in zip(axes[0], columns):
         for m in models:
@@ -204,5 +212,5 @@ def write_sweep(report_dir: str, sweep: dict, models, out=print) -> None:
         ax.set_xlabel(knob.replace("_", " "))
     axes[0][0].set_ylabel("held-out perplexity")
     axes[0][0].legend(fontsize=7)
-    _save(fig, os.path.join(report_dir, "sweep.png"), {})
+    _save(fig, report_dir / "sweep.png", {})
     out(f"[recipe] sweep report: {report_dir}/sweep.md, sweep.png\n" + table)

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 
-from btx_jax import config as config_lib, report
+from btx_jax import config as config_lib, paths, report
 
 KNOBS = ("seed_share",)
 SWEPT_MODELS = ("BTX", "dense (compute-matched)", "sparse upcycling", "BTM ensemble")
@@ -81,17 +80,16 @@ def run(config, workdir: str, compare, out=print) -> dict:
     sweep = {"knob": knob, "points": []}
     for value in points:
         c = point_config(config, value)
-        point_dir = os.path.join(workdir, "sweep", f"{knob}_{value:g}")
+        point_dir = str(paths.resolve(workdir) / "sweep" / f"{knob}_{value:g}")
         r = c.recipe
         out(f"[recipe] sweep {knob}={value:g}: seed {r.seed_steps}, branches {r.branch_steps} each, "
             f"finetune {r.finetune_steps} steps -> {point_dir}")
         results = compare(c, point_dir, out)
-        report.write(os.path.join(point_dir, "report"), results, point_dir, out=out)
+        report.write(paths.resolve(point_dir) / "report", results, point_dir, out=out)
         sweep["points"].append({"value": value, "steps": {k: r[k] for k in ("seed_steps", "branch_steps", "finetune_steps")},
                                 "results": results})
-    report_dir = os.path.join(workdir, "report")
-    os.makedirs(report_dir, exist_ok=True)
-    with open(os.path.join(report_dir, "sweep.json"), "w") as f:
-        json.dump(sweep, f, indent=1)
+    report_dir = paths.resolve(workdir) / "report"
+    report_dir.mkdir(parents=True, exist_ok=True)
+    (report_dir / "sweep.json").write_text(json.dumps(sweep, indent=1))
     report.write_sweep(report_dir, sweep, SWEPT_MODELS, out=out)
     return sweep

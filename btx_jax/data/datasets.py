@@ -3,10 +3,14 @@
 A domain's source is one of
   ``demo:<code|math|prose|docs>``   the offline demo corpus (see demo_sources.py for provenance),
   ``files:<glob>[,<glob>...]`` the user's own ``.txt`` (one document per file) or ``.jsonl``
-                               (one document per line, field ``text``) files,
+                               (one document per line, field ``text``) files, local or ``gs://``,
   ``tfds:<name>``              any TFDS dataset already prepared as ArrayRecord with a
                                ``text`` feature.
 Each has a ``train`` and an ``eval`` split; records are ``{"text": bytes}``.
+
+``data.data_dir`` may be a URL (``gs://...``): TFDS and array_record read ArrayRecord from GCS, but
+array_record cannot write there, so a missing demo/files dataset is built in a local temporary
+directory and copied up (its ``dataset_info.json`` last, so it looks prepared only when complete).
 """
 from __future__ import annotations
 
@@ -17,9 +21,12 @@ import json
 import logging
 import os
 import re
+import shutil
+import tempfile
 
 import tensorflow_datasets as tfds
 
+from btx_jax import paths
 from btx_jax.data import demo_sources
 
 log = logging.getLogger(__name__)
@@ -66,16 +73,37 @@ class TextFilesConfig(tfds.core.BuilderConfig):
 
 
 def _expand(patterns) -> list[str]:
-    return sorted({path for p in patterns for path in glob.glob(os.path.expanduser(p), recursive=True)
-                   if os.path.isfile(path)})
+    return sorted({path for p in patterns for path in (_expand_url(p) if paths.is_url(p) else _expand_local(p))
+                   if paths.resolve(path).is_file()})
 
 
-def _fingerprint(paths) -> str:
+def _expand_local(pattern: str) -> list[str]:
+    return glob.glob(os.path.expanduser(pattern), recursive=True)  # local: not a URL
+
+
+def _expand_url(pattern: str) -> list[str]:
+    """A ``gs://`` glob (``*``, ``?``, ``[...]``; no ``**``, which would list a whole bucket)."""
+    wild = re.search(r"[*?\[]", pattern)
+    if not wild:
+        return [pattern]
+    if "**" in pattern:
+        raise DataError(f"{pattern}: a recursive ** is not supported for URLs; name each directory level "
+                        "with * (e.g. gs://bucket/corpus/*/*.jsonl)")
+    base = pattern[:wild.start()].rpartition("/")[0]
+    return [str(p) for p in paths.resolve(base).glob(pattern[len(base) + 1:])]
+
+
+def _fingerprint(files) -> str:
     """Changes when any matched file is added, removed or modified, so a stale build is not reused."""
     h = hashlib.md5()
-    for path in paths:
-        st = os.stat(path)
-        h.update(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    for path in files:
+        p = paths.resolve(path)
+        if paths.is_url(p):
+            st = p.stat()
+            h.update(f"{p}:{st.length}:{st.mtime}".encode())
+        else:
+            st = os.stat(p)
+            h.update(f"{p}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:10]
 
 
@@ -88,7 +116,7 @@ def _read_documents(path: str, stats: dict):
             stats.setdefault("invalid_utf8", []).append(where)
             return raw.decode("utf-8", errors="replace")
 
-    with open(path, "rb") as f:
+    with paths.resolve(path).open("rb") as f:
         if not path.endswith(".jsonl"):
             yield path, decode(f.read(), path)
             return
@@ -152,7 +180,7 @@ def _build(builder, domain: str) -> None:
 def domain_builder(domain: str, spec: str, data_dir: str):
     """The TFDS builder behind one domain spec (not built yet)."""
     kind, _, arg = spec.partition(":")
-    data_dir = os.path.expanduser(data_dir)
+    data_dir = _data_dir(domain, data_dir)
     if kind == "demo":
         if arg not in demo_sources.DOMAINS:
             raise DataError(f"domain '{domain}': unknown demo domain '{arg}'; use one of {demo_sources.DOMAINS}")
@@ -170,6 +198,32 @@ def domain_builder(domain: str, spec: str, data_dir: str):
         except Exception as e:  # tfds raises several types for unknown/unprepared datasets
             raise DataError(f"domain '{domain}': cannot open TFDS dataset '{arg}' in {data_dir}: {e}") from None
     raise DataError(f"domain '{domain}': unknown source kind '{kind}' in {spec!r}")
+
+
+def _data_dir(domain: str, data_dir: str) -> str:
+    if not data_dir:
+        return data_dir  # TFDS's default
+    try:
+        return str(paths.resolve(data_dir))
+    except ValueError as e:
+        raise DataError(f"domain '{domain}': data.data_dir: {e}") from None
+
+
+def _build_and_upload(domain: str, spec: str, builder) -> None:
+    """Builds locally, then copies the prepared files to the URL data_dir, the JSON metadata last."""
+    target = paths.resolve(builder.data_path)
+    with tempfile.TemporaryDirectory(prefix="btx_data_") as local:
+        local_builder = domain_builder(domain, spec, local)
+        _build(local_builder, domain)
+        source = str(local_builder.data_path)
+        files = sorted((os.path.relpath(os.path.join(root, name), source) for root, _, names in os.walk(source)
+                        for name in names), key=lambda name: (name.endswith(".json"), name))
+        print(f"[data] copying {len(files)} files -> {target}", flush=True)
+        for name in files:
+            dst = target / name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            with open(os.path.join(source, name), "rb") as src, dst.open("wb") as out:  # local: a temporary file
+                shutil.copyfileobj(src, out, 1 << 24)
 
 
 def _split_name(builder, split: str) -> str:
@@ -192,7 +246,11 @@ def open_domain(domain: str, spec: str, data_dir: str, split: str, build_if_miss
                    "'array_record')`) or fix data.data_dir")
             raise DataError(f"domain '{domain}': dataset {builder.info.full_name} not found in data_dir "
                             f"'{data_dir}'; {how}")
-        _build(builder, domain)
+        if paths.is_url(builder.data_dir):
+            _build_and_upload(domain, spec, builder)
+            builder = domain_builder(domain, spec, data_dir)  # reads the uploaded dataset_info.json
+        else:
+            _build(builder, domain)
     try:
         source = builder.as_data_source(split=_split_name(builder, split))
     except (ValueError, NotImplementedError) as e:

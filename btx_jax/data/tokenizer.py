@@ -8,9 +8,10 @@ Face checkpoint, with its own BOS/EOS. Padding is marked by segment id 0, never 
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
+
+from btx_jax import paths
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 
@@ -38,7 +39,7 @@ class SentencePieceTokenizer:
     def __init__(self, model_path: str):
         import sentencepiece as spm
 
-        self._sp = spm.SentencePieceProcessor(model_file=model_path)
+        self._sp = spm.SentencePieceProcessor(model_proto=paths.resolve(model_path).read_bytes())
         ids = (self._sp.pad_id(), self._sp.bos_id(), self._sp.eos_id())
         if ids != (PAD_ID, BOS_ID, EOS_ID):
             raise ValueError(f"{model_path}: special ids (pad, bos, eos) are {ids}, expected (0, 1, 2); "
@@ -53,11 +54,8 @@ class SentencePieceTokenizer:
         return self._sp.decode([int(i) for i in ids if int(i) > EOS_ID])
 
 
-def _json(path: str) -> dict:
-    if not os.path.isfile(path):
-        return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+def _json(path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 class HFTokenizer:
@@ -67,22 +65,22 @@ class HFTokenizer:
     itself is encoded without special tokens, as ``AutoTokenizer(..., add_special_tokens=False)`` does."""
 
     def __init__(self, directory: str):
-        directory = os.path.expanduser(directory)
-        if os.path.isfile(os.path.join(directory, "tokenizer.json")):
+        directory = paths.resolve(directory)
+        if (directory / "tokenizer.json").is_file():
             from tokenizers import Tokenizer
 
-            self._tok = Tokenizer.from_file(os.path.join(directory, "tokenizer.json"))
+            self._tok = Tokenizer.from_str((directory / "tokenizer.json").read_text())
             self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        elif os.path.isfile(os.path.join(directory, "tokenizer.model")):
+        elif (directory / "tokenizer.model").is_file():
             import sentencepiece as spm
 
-            self._sp = spm.SentencePieceProcessor(model_file=os.path.join(directory, "tokenizer.model"))
+            self._sp = spm.SentencePieceProcessor(model_proto=(directory / "tokenizer.model").read_bytes())
             self.vocab_size = self._sp.get_piece_size()
         else:
             raise FileNotFoundError(f"{directory} has no tokenizer.json or tokenizer.model")
-        config = _json(os.path.join(directory, "config.json"))
-        generation = _json(os.path.join(directory, "generation_config.json"))
-        tokens = _json(os.path.join(directory, "tokenizer_config.json"))
+        config = _json(directory / "config.json")
+        generation = _json(directory / "generation_config.json")
+        tokens = _json(directory / "tokenizer_config.json")
         self.bos_id, self.eos_id = (self._special(name, config, generation, tokens) for name in ("bos", "eos"))
 
     def _special(self, name: str, *sources: dict) -> int | None:

@@ -12,7 +12,7 @@ import tempfile
 from absl import app, flags
 from ml_collections import config_flags
 
-from btx_jax import config as config_lib
+from btx_jax import config as config_lib, paths
 from btx_jax.data import pipeline
 
 
@@ -21,7 +21,7 @@ def sample_text(data_config, path: str, max_bytes: int) -> None:
     """Writes about max_bytes of training text, an equal share per domain, one document per line."""
     sources = pipeline.open_sources(data_config, "train")
     share = max_bytes // len(sources)
-    with open(path, "w", encoding="utf-8") as out:
+    with open(path, "w", encoding="utf-8") as out:  # local: a temporary file
         for source in sources.values():
             written = 0
             for i in range(len(source)):
@@ -36,14 +36,17 @@ def sample_text(data_config, path: str, max_bytes: int) -> None:
 def train(data_config, output: str, vocab_size: int, max_mb: float) -> str:
     import sentencepiece as spm
 
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    prefix = paths.resolve(output)  # local or a URL: trained in a temporary directory, then copied
+    prefix.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         corpus = os.path.join(tmp, "corpus.txt")
         sample_text(data_config, corpus, int(max_mb * 1e6))
         spm.SentencePieceTrainer.train(
-            input=corpus, model_prefix=output, vocab_size=vocab_size, model_type="bpe", byte_fallback=True,
-            pad_id=0, bos_id=1, eos_id=2, unk_id=3, character_coverage=1.0, input_sentence_size=2_000_000,
-            shuffle_input_sentence=True, max_sentence_length=1 << 16, minloglevel=2)
+            input=corpus, model_prefix=os.path.join(tmp, "spm"), vocab_size=vocab_size, model_type="bpe",
+            byte_fallback=True, pad_id=0, bos_id=1, eos_id=2, unk_id=3, character_coverage=1.0,
+            input_sentence_size=2_000_000, shuffle_input_sentence=True, max_sentence_length=1 << 16, minloglevel=2)
+        for suffix in (".model", ".vocab"):
+            (prefix.parent / (prefix.name + suffix)).write_bytes(paths.resolve(os.path.join(tmp, "spm" + suffix)).read_bytes())
     return output + ".model"
 
 

@@ -8,8 +8,8 @@ with no merges maps each character to its id; ``<s>`` is prepended as Llama's to
 from __future__ import annotations
 
 import json
-import os
 
+from btx_jax import paths
 from btx_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 SPECIALS = {"<pad>": PAD_ID, "<s>": BOS_ID, "</s>": EOS_ID}
@@ -36,10 +36,10 @@ def write(directory: str) -> list[str]:
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                        special_tokens=[("<s>", BOS_ID)])
-    tok.save(os.path.join(directory, "tokenizer.json"))
+    directory = paths.resolve(directory)
+    (directory / "tokenizer.json").write_text(tok.to_str(pretty=True))
     specials = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
-    with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1 << 30, **specials}, f, indent=2)
-    with open(os.path.join(directory, "special_tokens_map.json"), "w", encoding="utf-8") as f:
-        json.dump(specials, f, indent=2)
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1 << 30, **specials}, indent=2))
+    (directory / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
     return ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]

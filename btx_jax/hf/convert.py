@@ -11,13 +11,12 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import shutil
 
 import ml_dtypes  # noqa: F401  (registers numpy's "bfloat16")
 import numpy as np
 
 import btx_jax
-from btx_jax import checkpoint
+from btx_jax import checkpoint, paths
 from btx_jax.hf import byte_tokenizer, names
 from btx_jax.hf.files import ShardWriter, SafetensorsDir
 from btx_jax.hf.hf_config import HFError, check_exportable, from_hf, read_config, to_hf
@@ -103,7 +102,7 @@ def import_checkpoint(hf_dir: str, output: str, *, param_dtype: str = "float32",
             "format": "btx_jax.hf_import/1", "btx_jax_version": btx_jax.__version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "model": model, "moe": moe,
-            "hf": {"source": os.path.abspath(os.path.expanduser(hf_dir)), "config": hf, **info,
+            "hf": {"source": str(paths.resolve(hf_dir)), "config": hf, **info,
                    "ignored_fields": list(ignore_fields)},
         }
         writer.finish(manifest)
@@ -134,12 +133,12 @@ def export_checkpoint(ckpt: str, output: str, *, dtype: str | None = None, max_s
     info = saved["hf"]
     tokenizer_dir = tokenizer_dir or info.get("source")
     bos, eos = _special_ids(tokenizer_dir, info)
-    output = os.path.abspath(os.path.expanduser(output))
-    if os.path.exists(output):
+    output = paths.resolve(output)
+    if output.exists():
         raise HFError(f"output {output} already exists\n  fix: remove it or choose another --output")
-    scratch = os.path.join(os.path.dirname(output), f".{os.path.basename(output)}.incomplete")
-    shutil.rmtree(scratch, ignore_errors=True)
-    os.makedirs(scratch)
+    scratch = output.parent / f".{output.name}.incomplete"
+    _remove(scratch)
+    scratch.mkdir(parents=True)
     try:
         tensors = [(name, e.hf_shape, dtype) for e in entries for _, name in e.hf_names()]
         writer = ShardWriter(scratch, tensors, max_shard_bytes)
@@ -153,26 +152,30 @@ def export_checkpoint(ckpt: str, output: str, *, dtype: str | None = None, max_s
         writer.finish()
         config = to_hf(model, moe, dtype=dtype, bos_token_id=bos, eos_token_id=eos,
                        max_position_embeddings=max_position_embeddings or info.get("max_position_embeddings") or 4096)
-        _write_json(os.path.join(scratch, "config.json"), config)
-        _write_json(os.path.join(scratch, "generation_config.json"), {"bos_token_id": bos, "eos_token_id": eos})
+        _write_json(scratch / "config.json", config)
+        _write_json(scratch / "generation_config.json", {"bos_token_id": bos, "eos_token_id": eos})
         copied = _copy_tokenizer(tokenizer_dir, scratch)
         if not copied and saved["tokenizer"] == "byte":
             copied = byte_tokenizer.write(scratch)
             tokenizer_dir = "btx_jax's byte tokenizer"
         if save_logits:
             _save_logits(ckpt, model, moe, dtype, scratch)
-        os.rename(scratch, output)
+        scratch.rename(output)  # on GCS a copy of each file: the output appears when complete
     except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
+        _remove(scratch)
         raise
     out(f"[hf] wrote {output} ({config['architectures'][0]}"
         + (f", tokenizer from {tokenizer_dir}" if copied else ", no tokenizer files: see README 'Hugging Face'") + ")")
     return config
 
 
-def _write_json(path: str, value) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=2)
+def _write_json(path, value) -> None:
+    path.write_text(json.dumps(value, indent=2))
+
+
+def _remove(path) -> None:
+    if path.exists():
+        path.rmtree()
 
 
 def _special_ids(tokenizer_dir, info: dict) -> tuple[int, int]:
@@ -181,7 +184,7 @@ def _special_ids(tokenizer_dir, info: dict) -> tuple[int, int]:
 
     if info.get("bos_token_id") is not None or info.get("eos_token_id") is not None:
         return info.get("bos_token_id"), info.get("eos_token_id")
-    if tokenizer_dir and os.path.isdir(tokenizer_dir):
+    if tokenizer_dir and paths.resolve(tokenizer_dir).is_dir():
         from btx_jax.data.tokenizer import HFTokenizer
 
         tokenizer = HFTokenizer(tokenizer_dir)
@@ -189,16 +192,17 @@ def _special_ids(tokenizer_dir, info: dict) -> tuple[int, int]:
     return BOS_ID, EOS_ID
 
 
-def _copy_tokenizer(tokenizer_dir, output: str) -> list[str]:
-    if not tokenizer_dir or not os.path.isdir(tokenizer_dir):
+def _copy_tokenizer(tokenizer_dir, output) -> list[str]:
+    if not tokenizer_dir or not paths.resolve(tokenizer_dir).is_dir():
         return []
-    copied = [name for name in TOKENIZER_FILES if os.path.isfile(os.path.join(tokenizer_dir, name))]
+    source = paths.resolve(tokenizer_dir)
+    copied = [name for name in TOKENIZER_FILES if (source / name).is_file()]
     for name in copied:
-        shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(output, name))
+        (output / name).write_bytes((source / name).read_bytes())
     return copied
 
 
-def _save_logits(ckpt: str, model: dict, moe: dict, dtype: str, output: str) -> None:
+def _save_logits(ckpt: str, model: dict, moe: dict, dtype: str, output) -> None:
     """Our float32 logits (MoE: dropless), computed from the weights as exported (rounded to `dtype`), on
     fixed random token ids and, when the export has a tokenizer, on a piece of real text with its NLL:
     what ``scripts/make_hf_fixtures.py --check`` compares with transformers."""
@@ -219,9 +223,10 @@ def _save_logits(ckpt: str, model: dict, moe: dict, dtype: str, output: str) -> 
                           checkpoint.load_params(ckpt, setup.abstract_params))
     model_fn = nnx.merge(setup.graphdef, params)
     arrays = {"input_ids": np.random.default_rng(0).integers(0, model["vocab_size"], (2, 24)).astype(np.int32)}
-    if os.path.isfile(os.path.join(output, "tokenizer.json")) or os.path.isfile(os.path.join(output, "tokenizer.model")):
+    if (output / "tokenizer.json").is_file() or (output / "tokenizer.model").is_file():
         tokenizer = HFTokenizer(output)
-        with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "models", "router.py"), encoding="utf-8") as f:
+        module = os.path.join(os.path.dirname(os.path.dirname(__file__)), "models", "router.py")
+        with open(module, encoding="utf-8") as f:  # local: a file of this package
             text = f.read()[:2000]
         ids = tokenizer.encode(text)[:255]
         arrays |= {"text": np.asarray(text), "text_ids": np.asarray(
@@ -233,4 +238,5 @@ def _save_logits(ckpt: str, model: dict, moe: dict, dtype: str, output: str) -> 
             targets = arrays["text_ids"][0, 1:]
             logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
             arrays["text_nll"] = np.asarray(np.mean(logz - logits[np.arange(len(targets)), targets]))
-    np.savez(os.path.join(output, LOGITS_FILE), **arrays)
+    with (output / LOGITS_FILE).open("wb") as f:
+        np.savez(f, **arrays)

@@ -1,7 +1,8 @@
 """Safetensors model directories: ``model.safetensors``, or shards listed by ``model.safetensors.index.json``.
 
-Reading goes one tensor at a time through the ``safetensors`` package (numpy, memory-mapped), so a
-conversion holds one tensor plus whatever it is building, never the whole model. Writing follows
+Reading goes one tensor at a time (each file's header, then one tensor's byte range), so a
+conversion holds one tensor plus whatever it is building, never the whole model; directories may
+be URLs (``gs://...``, through :mod:`btx_jax.paths`). Writing follows
 ``save_pretrained``: shards of at most ``max_shard_bytes``, named ``model-0000k-of-0000n.safetensors``,
 with an index mapping every tensor to its shard (a single ``model.safetensors`` when it all fits);
 each tensor is appended to its shard as it comes (the package's writer needs a whole shard in memory).
@@ -9,11 +10,11 @@ each tensor is appended to its shard as it comes (the package's writer needs a w
 from __future__ import annotations
 
 import json
-import os
 
+import ml_dtypes  # noqa: F401  (registers numpy's "bfloat16")
 import numpy as np
-from safetensors import safe_open
 
+from btx_jax import paths
 from btx_jax.hf.hf_config import HFError
 
 INDEX = "model.safetensors.index.json"
@@ -21,39 +22,45 @@ SINGLE = "model.safetensors"
 _DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
 
 
-def is_hf_dir(path: str) -> bool:
-    path = os.path.expanduser(str(path))
-    return os.path.isfile(os.path.join(path, "config.json")) and (
-        os.path.isfile(os.path.join(path, INDEX)) or os.path.isfile(os.path.join(path, SINGLE))
-        or os.path.isfile(os.path.join(path, "pytorch_model.bin")))
+def is_hf_dir(path) -> bool:
+    path = paths.resolve(path)
+    return (path / "config.json").is_file() and any(
+        (path / name).is_file() for name in (INDEX, SINGLE, "pytorch_model.bin"))
+
+
+def _header(f) -> tuple[dict, int]:
+    """A safetensors file's header and where its data starts (8-byte length, then JSON)."""
+    size = int.from_bytes(f.read(8), "little")
+    return json.loads(f.read(size)), 8 + size
 
 
 class SafetensorsDir:
     """The tensors of a Hugging Face directory: names, shapes and dtypes up front, data on demand."""
 
-    def __init__(self, path: str):
-        self.path = os.path.expanduser(path)
-        if os.path.isfile(os.path.join(self.path, INDEX)):
-            with open(os.path.join(self.path, INDEX), encoding="utf-8") as f:
-                files = json.load(f)["weight_map"]
-        elif os.path.isfile(os.path.join(self.path, SINGLE)):
+    def __init__(self, path):
+        self.path = paths.resolve(path)
+        if (self.path / INDEX).is_file():
+            files = json.loads((self.path / INDEX).read_text())["weight_map"]
+        elif (self.path / SINGLE).is_file():
             files = None
         else:
             raise HFError(f"{path} has no {SINGLE} or {INDEX} (a pytorch_model.bin is not read: it is a pickle)\n"
                           "  fix: convert it to safetensors first, e.g. with transformers' save_pretrained")
-        self.file_of, self.meta = {}, {}
+        self.file_of, self.meta, self._where = {}, {}, {}
         for name in sorted(set(files.values())) if files else [SINGLE]:
-            full = os.path.join(self.path, name)
-            if not os.path.isfile(full):
+            full = self.path / name
+            if not full.is_file():
                 raise HFError(f"{path}: shard {name} listed in {INDEX} is missing\n  fix: download it again")
-            with safe_open(full, "np") as f:
-                for key in f.keys():
-                    piece = f.get_slice(key)
-                    dtype = piece.get_dtype()
-                    if dtype not in _DTYPES:
-                        raise HFError(f"{path}: tensor {key} has dtype {dtype}; only {sorted(_DTYPES)} are supported")
-                    self.file_of[key] = full
-                    self.meta[key] = (tuple(piece.get_shape()), _DTYPES[dtype])
+            with full.open("rb") as f:
+                header, start = _header(f)
+            for key, info in sorted(header.items()):
+                if key == "__metadata__":
+                    continue
+                if info["dtype"] not in _DTYPES:
+                    raise HFError(f"{path}: tensor {key} has dtype {info['dtype']}; only {sorted(_DTYPES)} are supported")
+                self.file_of[key] = full
+                self.meta[key] = (tuple(info["shape"]), _DTYPES[info["dtype"]])
+                self._where[key] = (start + info["data_offsets"][0], start + info["data_offsets"][1])
 
     def __contains__(self, name: str) -> bool:
         return name in self.meta
@@ -61,8 +68,21 @@ class SafetensorsDir:
     def get(self, name: str) -> np.ndarray:
         if name not in self.meta:
             raise HFError(f"{self.path}: tensor {name} is missing")
-        with safe_open(self.file_of[name], "np") as f:
-            return f.get_tensor(name)
+        shape, dtype = self.meta[name]
+        begin, end = self._where[name]
+        array = np.empty(shape, dtype)  # safetensors data is little-endian, as are the hosts this runs on
+        if array.nbytes != end - begin:
+            raise HFError(f"{self.file_of[name]}: tensor {name} holds {end - begin} bytes, its shape {shape} "
+                          f"{dtype} needs {array.nbytes}\n  fix: download the file again")
+        buffer, done = memoryview(array.reshape(-1).view(np.uint8)), 0
+        with self.file_of[name].open("rb") as f:
+            f.seek(begin)
+            while done < len(buffer):
+                n = f.readinto(buffer[done:])
+                if not n:
+                    raise HFError(f"{self.file_of[name]}: ends inside tensor {name}\n  fix: download the file again")
+                done += n
+        return array
 
 
 _CODES = {v: k for k, v in _DTYPES.items()}
@@ -77,8 +97,8 @@ class ShardWriter:
     files are standard safetensors (8-byte header length, JSON header, the data in header order).
     """
 
-    def __init__(self, output: str, tensors: list[tuple[str, tuple[int, ...], str]], max_shard_bytes: int):
-        self.output, self.shards, current, used = output, [], [], 0
+    def __init__(self, output, tensors: list[tuple[str, tuple[int, ...], str]], max_shard_bytes: int):
+        self.output, self.shards, current, used = paths.resolve(output), [], [], 0
         self.spec = {name: (tuple(shape), dtype) for name, shape, dtype in tensors}
         for name, shape, dtype in tensors:
             nbytes = self.nbytes(name)
@@ -107,7 +127,7 @@ class ShardWriter:
             offset += self.nbytes(name)
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as the safetensors writer does
-        self.file = open(os.path.join(self.output, self.file_names[shard]), "wb")
+        self.file = (self.output / self.file_names[shard]).open("wb")
         self.file.write(len(blob).to_bytes(8, "little") + blob)
 
     def add(self, name: str, array: np.ndarray) -> None:
@@ -131,5 +151,4 @@ class ShardWriter:
         if len(self.shards) > 1:
             index = {"metadata": {"total_size": self.total_size},
                      "weight_map": {n: self.file_names[i] for n, i in sorted(self.shard_of.items())}}
-            with open(os.path.join(self.output, INDEX), "w", encoding="utf-8") as f:
-                json.dump(index, f, indent=2)
+            (self.output / INDEX).write_text(json.dumps(index, indent=2))

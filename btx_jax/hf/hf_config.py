@@ -8,7 +8,8 @@ checkpoint we cannot represent exactly is never imported as something else.
 from __future__ import annotations
 
 import json
-import os
+
+from btx_jax import paths
 
 LLAMA_TYPES = ("llama", "mistral")  # Mistral is Llama's architecture (its sliding window must be off)
 MIXTRAL_TYPES = ("mixtral",)
@@ -43,12 +44,11 @@ class HFError(ValueError):
 
 
 def read_config(hf_dir: str) -> dict:
-    path = os.path.join(os.path.expanduser(hf_dir), "config.json")
-    if not os.path.isfile(path):
+    path = paths.resolve(hf_dir) / "config.json"
+    if not path.is_file():
         raise HFError(f"{hf_dir} has no config.json\n  fix: point to a Hugging Face model directory "
                       "(config.json + *.safetensors), e.g. one made by huggingface-cli download")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return json.loads(path.read_text())
 
 
 def _rope(hf: dict, model_type: str) -> dict:
