@@ -145,6 +145,11 @@ def base_config() -> ConfigDict:
         batch_size=16,         # global batch, in packed rows
         max_chunks_per_doc=64,  # longer documents are cut into seq_len chunks, the rest dropped
         packing_bins=0,        # 0: batch_size
+        # The global batch is assembled from this many independent streams (documents i::shards, each
+        # packed into batch_size / shards rows), split among the processes. Fixed, the data is the same
+        # on any number of processes that divides it (a run resumes on another host count unchanged);
+        # 0: one stream per process
+        shards=0,
         seed=0,
     ))
     c.optim = ConfigDict(dict(
@@ -246,7 +251,7 @@ def _check_moe(e: ConfigDict, m: ConfigDict, seq_len: int) -> None:
         raise ConfigError("moe.grouped_block", f"must be >= 1, got {e.grouped_block}", "use e.g. 64")
 
 
-def _check_data(d: ConfigDict) -> None:
+def _check_data(d: ConfigDict, check_paths: bool = True) -> None:
     if not d.domains:
         raise ConfigError("data.domains", "no training domains", "name at least one, e.g. code='demo:code'")
     for name, spec in list(d.domains.items()) + list(d.eval_domains.items()):
@@ -262,19 +267,20 @@ def _check_data(d: ConfigDict) -> None:
     if d.weights and sum(d.weights.get(n, 0.0) for n in d.domains) <= 0:
         raise ConfigError("data.weights", "all mixture weights are zero", "give at least one domain weight > 0")
     if d.tokenizer.startswith("hf:"):
-        directory = _path("data.tokenizer", d.tokenizer[3:])
-        if not any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
-            raise ConfigError("data.tokenizer", f"{str(directory)!r} has no tokenizer.json or tokenizer.model",
-                              "point hf:<dir> to a Hugging Face checkpoint directory that ships its tokenizer")
+        if check_paths:
+            directory = _path("data.tokenizer", d.tokenizer[3:])
+            if not any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+                raise ConfigError("data.tokenizer", f"{str(directory)!r} has no tokenizer.json or tokenizer.model",
+                                  "point hf:<dir> to a Hugging Face checkpoint directory that ships its tokenizer")
     elif d.tokenizer not in TOKENIZERS:
         raise ConfigError("data.tokenizer", f"unknown tokenizer {d.tokenizer!r}", f"use one of {TOKENIZERS} or hf:<dir>")
-    if d.tokenizer == "sentencepiece" and not _path("data.spm_model", d.spm_model).is_file():
+    if check_paths and d.tokenizer == "sentencepiece" and not _path("data.spm_model", d.spm_model).is_file():
         raise ConfigError("data.spm_model", f"SentencePiece model file not found: {d.spm_model!r}",
                           "train one with `python -m btx_jax.data.train_tokenizer` or point to an existing .model")
     _positive(ConfigDict({"data": d}), "data.seq_len", "data.batch_size", "data.max_chunks_per_doc")
 
 
-def _check_optim_train(c: ConfigDict) -> None:
+def _check_optim_train(c: ConfigDict, check_paths: bool = True) -> None:
     _positive(c, "optim.lr", "train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
               "train.checkpoint_every", "train.keep_checkpoints")
     if not 0 <= c.optim.min_lr_ratio <= 1:
@@ -286,7 +292,7 @@ def _check_optim_train(c: ConfigDict) -> None:
     if not isinstance(accum, int) or accum < 1 or c.data.batch_size % accum:
         raise ConfigError("train.grad_accum", f"must be an integer >= 1 dividing data.batch_size={c.data.batch_size}, "
                           f"got {accum!r}", "use 1 (no accumulation) or a divisor of data.batch_size")
-    if c.train.init_from and not _path("train.init_from", c.train.init_from).exists():
+    if check_paths and c.train.init_from and not _path("train.init_from", c.train.init_from).exists():
         raise ConfigError("train.init_from", f"checkpoint not found: {c.train.init_from!r}",
                           "point it to a workdir's checkpoints/ directory or one of its step directories")
 
@@ -301,13 +307,14 @@ def _path(field: str, value: str):
         raise ConfigError(field, str(e), "use a local path or a gs:// URL") from None
 
 
-def validate(config: ConfigDict) -> ConfigDict:
-    """Checks every field once; returns the config. Mesh/device checks live in sharding.py."""
+def validate(config: ConfigDict, check_paths: bool = True) -> ConfigDict:
+    """Checks every field once; returns the config. Mesh/device checks live in sharding.py.
+    `check_paths=False` skips the checks that files exist (a plan made where the run's files are not)."""
     check_fields(config)
     _check_model(config.model)
-    _check_data(config.data)
+    _check_data(config.data, check_paths)
     _check_moe(config.moe, config.model, config.data.seq_len)
-    _check_optim_train(config)
+    _check_optim_train(config, check_paths)
     return config
 
 

@@ -35,19 +35,20 @@ class DomainScores:
 
 
 def load_eval_sets(config, *, num_batches: int | None = None, max_tokens: int | None = None,
-                   split: str = "eval", names=None) -> dict[str, list[dict]]:
+                   split: str = "eval", names=None, rows=None) -> dict[str, list[dict]]:
     """Per-domain held-out batches (training and ``data.eval_domains``), read once.
 
     Default: ``train.eval_batches`` batches per domain (a training run's progress check).
     ``max_tokens``: batches until at least that many targets are scored (0: the whole split).
+    ``rows``: the rows of each global batch that this process's devices hold (None: all).
     """
     every = pipeline.domain_names(config.data) + sorted(config.data.eval_domains.keys())
     names = every if names is None else names
     if max_tokens is None and num_batches is None:
         num_batches = config.train.eval_batches
     sources = pipeline.open_sources(config.data, split, names)
-    return {name: pipeline.eval_batches(config.data, src, every.index(name), num_batches, jax.process_index(),
-                                        jax.process_count(), max_tokens=max_tokens or None)
+    return {name: pipeline.eval_batches(config.data, src, every.index(name), num_batches, rows,
+                                        max_tokens=max_tokens or None)
             for name, src in sources.items()}
 
 

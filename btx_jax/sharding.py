@@ -16,6 +16,7 @@ import math
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 
@@ -97,7 +98,27 @@ def make_mesh(mesh_config: ConfigDict, devices=None) -> Mesh:
     devices = jax.devices() if devices is None else devices
     sizes = mesh_shape(mesh_config, len(devices))
     shape = tuple(sizes[name] for name in MESH_AXES)
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    if num_slices(devices) > 1:
+        return Mesh(multislice_grid(sizes, devices), MESH_AXES, axis_types=axis_types)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+
+
+def num_slices(devices) -> int:
+    """TPU slices joined over the data-center network (multislice); 1 elsewhere."""
+    return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def multislice_grid(sizes: dict[str, int], devices) -> np.ndarray:
+    """Devices of several slices as a mesh array whose ``data`` axis is split across the slices (only its
+    gradient all-reduce crosses the slow network) and whose other axes stay inside a slice."""
+    slices = num_slices(devices)
+    if sizes["data"] % slices:
+        raise ConfigError("mesh.data", f"{sizes['data']} does not split over the job's {slices} slices (the data axis "
+                          "is the one that crosses slices)", f"use mesh.data={slices} (or a multiple) and fsdp=-1")
+    inside = [sizes["data"] // slices] + [sizes[name] for name in MESH_AXES[1:]]
+    across = [slices] + [1] * (len(MESH_AXES) - 1)
+    return mesh_utils.create_hybrid_device_mesh(inside, across, devices, allow_split_physical_axes=True)
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ from __future__ import annotations
 import grain
 import numpy as np
 
+from btx_jax import distributed
 from btx_jax.config import domain_weights
 from btx_jax.data.datasets import open_domain
 from btx_jax.data.tokenizer import encode_document, make_tokenizer
@@ -72,50 +73,77 @@ def domain_names(data_config) -> list[str]:
 
 
 def open_sources(data_config, split: str, names=None) -> dict:
-    """Opens (building if needed and allowed) every domain's source before training starts."""
+    """Opens (building if needed and allowed) every domain's source before training starts. In a
+    multi-process job process 0 builds what is missing while the others wait, then they open it."""
     specs = {**dict(data_config.domains), **dict(data_config.eval_domains)}
     names = domain_names(data_config) if names is None else names
-    return {name: open_domain(name, specs[name], data_config.data_dir, split, data_config.build_if_missing)
-            for name in names}
+
+    def open_all():
+        return {name: open_domain(name, specs[name], data_config.data_dir, split, data_config.build_if_missing)
+                for name in names}
+
+    sources = open_all() if distributed.is_main() else None
+    distributed.barrier(f"data {split} {','.join(names)}")
+    return sources if sources is not None else open_all()
 
 
-def train_iterator(data_config, sources: dict, process_index: int = 0, process_count: int = 1):
-    """Infinite, checkpointable iterator of this process's share of each global batch."""
+def train_iterator(data_config, sources: dict, shards: list[int] | None = None):
+    """Infinite, checkpointable iterator of this process's rows of each global batch: the rows of data
+    shards `shards` (indices in ``range(num_shards(data_config))``, in row order; default all)."""
     tokenizer = make_tokenizer(data_config)
     weights = domain_weights(data_config)
-    parts, part_weights = [], []
-    for index, name in enumerate(domain_names(data_config)):
-        if weights[name] == 0:
-            continue
-        ds = grain.MapDataset.source(sources[name])[process_index::process_count]
-        ds = ds.seed(data_config.seed + 1000 * index).shuffle().repeat().to_iter_dataset()
-        parts.append(_packed_rows(ds, data_config, tokenizer, index, shuffle=True))
-        part_weights.append(weights[name])
-    ds = parts[0] if len(parts) == 1 else grain.IterDataset.mix(parts, part_weights)
-    ds = ds.batch(data_config.batch_size // process_count, drop_remainder=True).map(to_model_batch)
-    return iter(ds)
+    total = num_shards(data_config)
+    shards = list(range(total)) if shards is None else shards
+    streams = []
+    for shard in shards:
+        parts, part_weights = [], []
+        for index, name in enumerate(domain_names(data_config)):
+            if weights[name] == 0:
+                continue
+            ds = grain.MapDataset.source(sources[name])[shard::total]
+            ds = ds.seed(data_config.seed + 1000 * index).shuffle().repeat().to_iter_dataset()
+            parts.append(_packed_rows(ds, data_config, tokenizer, index, shuffle=True))
+            part_weights.append(weights[name])
+        ds = parts[0] if len(parts) == 1 else grain.IterDataset.mix(parts, part_weights)
+        streams.append(ds.batch(data_config.batch_size // total, drop_remainder=True))
+    if len(streams) == 1:
+        return iter(streams[0].map(to_model_batch))
+    rows = grain.experimental.ZipIterDataset(streams).map(
+        lambda batches: {k: np.concatenate([b[k] for b in batches]) for k in batches[0]})
+    return iter(rows.map(to_model_batch))
 
 
-def eval_batches(data_config, source, domain_index: int, num_batches: int | None = None, process_index=0,
-                 process_count=1, *, max_tokens: int | None = None) -> list[dict]:
+def num_shards(data_config) -> int:
+    """data.shards, or one per process when 0."""
+    import jax
+
+    return data_config.shards or jax.process_count()
+
+
+def eval_batches(data_config, source, domain_index: int, num_batches: int | None = None, rows=None, *,
+                 max_tokens: int | None = None) -> list[dict]:
     """Packed batches of a held-out split, in source order: the same every time.
 
     Stops after `num_batches` batches, or once the batches score at least `max_tokens` targets
     (loss-mask tokens), or at the end of the split, whichever comes first (None: no limit).
-    Batches carry ``document`` ids so that scores can be summed per document.
+    Batches carry ``document`` ids so that scores can be summed per document. Every process reads
+    the same global batches (so all run the same number of eval steps) and keeps `rows` of each
+    (the rows its devices hold; None: all).
     """
     tokenizer = make_tokenizer(data_config)
     ds = grain.MapDataset.source(source).map_with_index(lambda i, record: {**record, "document": i})
-    ds = ds[process_index::process_count].to_iter_dataset()
-    ds = _packed_rows(ds, data_config, tokenizer, domain_index, shuffle=False, documents=True)
-    ds = ds.batch(data_config.batch_size // process_count, drop_remainder=False).map(to_model_batch)
+    ds = _packed_rows(ds.to_iter_dataset(), data_config, tokenizer, domain_index, shuffle=False, documents=True)
+    ds = ds.batch(data_config.batch_size, drop_remainder=False).map(to_model_batch)
     batches, scored = [], 0.0
     for batch in ds:
-        batches.append(_pad_rows(batch, data_config.batch_size // process_count))
+        batch = _pad_rows(batch, data_config.batch_size)
+        batches.append(batch if rows is None else {k: v[rows] for k, v in batch.items()})
         scored += float(batch["loss_mask"].sum())
         if len(batches) == num_batches or (max_tokens is not None and scored >= max_tokens):
             break
     return batches
+
+
 def _pad_rows(batch: dict, rows: int) -> dict:
     """Pads a short final batch with empty rows (segment 0, no loss) to the static batch shape."""
     missing = rows - batch["inputs"].shape[0]
