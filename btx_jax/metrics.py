@@ -1,18 +1,53 @@
 """Metrics to TensorBoard (tensorboardX, no TensorFlow) and to ``workdir/metrics.jsonl``.
 
 The workdir may be a URL (``gs://...``, see :mod:`btx_jax.paths`): an object there cannot be
-appended to, so metrics.jsonl is rewritten whole at most every ``flush_secs`` and on close (a
-local file gets each line as it is written).
+appended to, so metrics.jsonl and the TensorBoard event file are rewritten whole at most every
+``flush_secs`` and on close (a local file gets each line as it is written).
 """
 from __future__ import annotations
 
+import io
 import json
 import time
 
 import numpy as np
-from tensorboardX import SummaryWriter
+from tensorboardX import SummaryWriter, record_writer
 
 from btx_jax import paths
+
+
+class _URLEventFile:
+    """A TensorBoard event file at a URL, through etils.epath: kept in memory, uploaded whole on flush."""
+
+    def __init__(self, path: str):
+        self.path, self.buffer, self.dirty = paths.resolve(path), io.BytesIO(), False
+
+    def write(self, data: bytes) -> None:
+        self.buffer.write(data)
+        self.dirty = True
+
+    def flush(self) -> None:
+        if self.dirty:
+            self.path.write_bytes(self.buffer.getvalue())
+            self.dirty = False
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _URLEventFiles:
+    """tensorboardX's writer factory for the URL schemes (its own gs:// writer needs another client and
+    uploads again whenever it is garbage-collected)."""
+
+    def open(self, path: str) -> _URLEventFile:
+        return _URLEventFile(path)
+
+    def directory_check(self, path: str) -> None:
+        pass  # an object store has no directories to create
+
+
+for _scheme in paths.SCHEMES:
+    record_writer.register_writer_factory(_scheme, _URLEventFiles())
 
 
 class MetricsWriter:
@@ -31,7 +66,7 @@ class MetricsWriter:
         workdir.mkdir(parents=True, exist_ok=True)
         self._remote, self._flush_secs = paths.is_url(workdir), flush_secs
         self._lines = [line for line in self._read_lines() if json.loads(line)["step"] <= resume_step]
-        self._upload()  # the truncated file, written under a temporary name and renamed
+        self._upload()  # the truncated file
         self.tb = SummaryWriter(str(workdir / "tensorboard"), flush_secs=flush_secs)
         if not self._remote:
             self._file, self._lines = self.path.open("a", encoding="utf-8"), None
@@ -91,6 +126,14 @@ class MetricsWriter:
     def text(self, tag: str, text: str, step: int = 0) -> None:
         if self.enabled:
             self.tb.add_text(tag, text, step)
+
+    def flush(self) -> None:
+        """Everything written so far reaches storage now (on a URL, call it after each checkpoint so a
+        killed run keeps the lines of the steps it will resume after)."""
+        if self.enabled:
+            self.tb.flush()
+            if self._remote:
+                self._upload()
 
     def close(self) -> None:
         if self.enabled:

@@ -3,8 +3,7 @@
 Every path a run reads or writes (workdir, checkpoints, ``train.init_from``, data and report
 directories, Hugging Face directories) goes through :func:`resolve`, so a URL reaches Orbax,
 tensorstore and TFDS unchanged while a local path behaves as ``os.path.abspath`` made it.
-``gs://`` needs ``gcsfs`` (epath's backend when TensorFlow is absent) and, for TensorBoard,
-``google-cloud-storage``; both are dependencies.
+``gs://`` needs ``gcsfs`` (epath's backend when TensorFlow is absent), a dependency.
 """
 from __future__ import annotations
 
