@@ -16,7 +16,7 @@ import pytest
 from btx_jax.metrics import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 24
+STEPS = 12
 
 # Dense: data parallel over both processes (data=4 spans them), params sharded within each (fsdp=2).
 # MoE: the expert axis spans both processes (expert=4 x tensor=2: process 0 holds experts 0-1, process 1
@@ -38,7 +38,7 @@ def _command(kind: str, data_dir, workdir) -> list[str]:
     # data.shards=2 in every run: the global batch is then the same for one process and for two
     return [sys.executable, "-m", "btx_jax.train", *RUNS[kind], f"--workdir={workdir}",
             f"--config.data.data_dir={data_dir}", "--config.data.shards=2", f"--config.train.steps={STEPS}",
-            "--config.train.log_every=1", "--config.train.checkpoint_every=12", "--config.train.eval_every=100",
+            "--config.train.log_every=1", "--config.train.checkpoint_every=6", "--config.train.eval_every=100",
             "--config.train.peak_flops=1e11"]
 
 
