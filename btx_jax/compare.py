@@ -19,7 +19,7 @@ import numpy as np
 from btx_jax import btm, checkpoint, sharding, steps
 from btx_jax.evaluate import DomainScores, make_token_scorer, per_document, score_model, token_nll
 from btx_jax.metrics import read_metrics
-from btx_jax.state import make_setup
+from btx_jax.state import make_setup, saved_router_bias
 
 
 class Scorer:
@@ -51,7 +51,9 @@ def score_trial(recipe, eval_sets: dict, calibration_sets: dict, with_btm: bool,
     for model in recipe.models():
         setup, score_fn = scorer.setup(model["config"])
         params = checkpoint.load_params(recipe.path(model["stage"]), setup.abstract_params)
-        nll, routing = token_nll(score_fn, params, eval_sets, steps.batch_shardings(setup.mesh))
+        bias = saved_router_bias(recipe.path(model["stage"]), setup.mesh) if model["config"].moe.num_experts else None
+        shardings = steps.batch_shardings(setup.mesh)
+        nll, routing = token_nll(steps.with_router_bias(score_fn, bias), params, eval_sets, shardings)
         scores = {domain: per_document(nll[domain], batches) for domain, batches in eval_sets.items()}
         if model["stage"].startswith("branch/"):
             branch_nll[model["stage"]] = nll  # the BTM rows are built from these, not recomputed

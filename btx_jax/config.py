@@ -22,6 +22,7 @@ ROPE_SCALINGS = ("none", "linear", "llama3")
 DISPATCHERS = ("einsum", "alltoall", "dropless", "reference")
 PRIORITIES = ("token", "confidence")
 GROUPED_IMPLS = ("auto", "blocks", "native")
+BALANCES = ("aux", "sequence", "bias")
 TOKENIZERS = ("byte", "sentencepiece")
 
 
@@ -77,6 +78,16 @@ def base_config() -> ConfigDict:
         expert_dropout=0.0,    # dropout on expert hidden activations, training only (for MoE finetuning)
         load_balance_weight=0.01,  # Switch loss E * sum_e f_e p_e, averaged over MoE layers
         router_z_weight=0.001,     # mean log(Z)^2 of router logits, averaged over MoE layers
+        # aux: the Switch loss over the batch (load_balance_weight) | sequence: the same loss per sequence,
+        # averaged over sequences (DeepSeek-V3's sequence-wise loss; load_balance_weight) | bias: no balancing
+        # loss; a per-expert bias added to the router probabilities for the top-k choice only (gates stay
+        # unbiased), moved by bias_rate * sign(mean load - load) after every step (DeepSeek-V3)
+        balance="aux",
+        # bias step per train step, in router-probability units. DeepSeek-V3 uses 0.001 over ~10^5 steps; our
+        # finetunes are ~10^2 steps and the bias moves at most rate x steps. On the demo finetune (43 steps)
+        # 0.003 kept every layer's max/mean expert load at ~1.12; 0.001 was too slow (up to 1.34, like the aux
+        # loss) and 0.01 wobbled more (up to 1.18): the step is also the size of the oscillation at balance
+        bias_rate=0.003,
         # How dropless and alltoall run the expert FFNs: blocks (a loop over row blocks that skips
         # empty ones: fast on CPU) | native (ragged_dot for dropless, dense capacity buffers for
         # alltoall: what TPU/GPU want) | auto (blocks on CPU, native elsewhere)
@@ -112,7 +123,8 @@ def base_config() -> ConfigDict:
         # comma-separated; all run by default. Baselines: dense (the seed trained on for BTX's compute),
         # btm (ensemble and averages of the branches), upcycle (MoE of seed copies, BTX's compute).
         baselines="dense,btm,upcycle",
-        # BTX variants, each a finetune: top1, no_load_balance, random_router (normal init instead of centroid)
+        # BTX variants, each a finetune: top1, no_load_balance, random_router (normal init instead of centroid),
+        # bias_balance / sequence_balance (moe.balance=bias / sequence)
         variants="top1,no_load_balance,random_router",
         parallel_branches=False,  # train the branches as parallel processes (one per domain)
         seeds=1,               # trials of the whole comparison (train.seed and data.seed + i); 3+ for seed intervals
@@ -249,6 +261,12 @@ def _check_moe(e: ConfigDict, m: ConfigDict, seq_len: int) -> None:
                           "set moe.expert_dropout=0 or use the einsum or alltoall dispatcher")
     if e.grouped_block < 1:
         raise ConfigError("moe.grouped_block", f"must be >= 1, got {e.grouped_block}", "use e.g. 64")
+    if e.balance not in BALANCES:
+        raise ConfigError("moe.balance", f"unknown balancing {e.balance!r}", f"use one of {BALANCES}: aux (Switch "
+                          "loss), sequence (per-sequence loss) or bias (auxiliary-loss-free selection bias)")
+    if not 0 < e.bias_rate < 1:
+        raise ConfigError("moe.bias_rate", f"must be in (0, 1), got {e.bias_rate}",
+                          "use e.g. 0.003 (the bias is in router-probability units; DeepSeek-V3 uses 0.001)")
 
 
 def _check_data(d: ConfigDict, check_paths: bool = True) -> None:

@@ -92,9 +92,10 @@ def per_document(token_values: list[np.ndarray], batches: list[dict]) -> DomainS
 
 
 def make_token_scorer(setup):
-    """A jitted (params, batch) -> (masked token NLL [B, T], MoE aux) for any model of `setup`."""
-    def score(params, batch):
-        logits, aux = steps.forward(setup.graphdef, params, batch)
+    """A jitted (params, batch[, router_bias]) -> (masked token NLL [B, T], MoE aux) for any model of `setup`
+    (`router_bias`: a bias-balanced MoE's selection bias, part of its routing)."""
+    def score(params, batch, router_bias=None):
+        logits, aux = steps.forward(setup.graphdef, params, batch, router_bias=router_bias)
         nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0]
         routing = {k: aux[k] for k in ("expert_usage", "dropped_fraction") if k in aux}
         return nll * batch["loss_mask"], routing

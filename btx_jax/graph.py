@@ -113,6 +113,10 @@ def trial_stages(config, path: Callable[[str], epath.Path], domains: list[str]) 
     if "no_load_balance" in variants:
         stages.append(Stage("variant/no_load_balance", "train", ["mix"],
                             moe_config(config, r.finetune_steps, mixed, load_balance_weight=0.0)))
+    for variant, balance in (("bias_balance", "bias"), ("sequence_balance", "sequence")):
+        if variant in variants:  # the finetune with another load balancing (moe.balance)
+            stages.append(Stage(f"variant/{variant}", "train", ["mix"],
+                                moe_config(config, r.finetune_steps, mixed, balance=balance)))
     if "random_router" in variants:
         stages.append(Stage("variant/random_router_mix", "mix", ["seed", *branches], _mix_config(
             config, path, "variant/random_router_mix", **mix_common, router_init="normal")))

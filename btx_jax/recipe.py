@@ -12,7 +12,7 @@ training stage resumes from its checkpoint):
 4. ``finetune``: the MoE on the mixture, with the load-balancing loss;
 5. baselines at BTX's compute: ``baseline/dense`` (the seed trained on), ``baseline/upcycle``
    (an MoE of seed copies); BTM (ensemble and averages of the branches) is evaluated directly;
-   variants ``variant/<name>``: top1, no_load_balance, random_router;
+   variants ``variant/<name>``: top1, no_load_balance, random_router, bias_balance, sequence_balance;
 6. evaluation (``btx_jax/compare.py``) and ``report/``: every model on the same held-out
    documents, with paired-bootstrap intervals over documents and ``recipe.seeds`` trials.
 
@@ -215,7 +215,8 @@ class Recipe:
         if "baseline/upcycle" in self.records:
             models.append({"name": "sparse upcycling", "stage": "baseline/upcycle", "config": moe(),
                            "compute": ["seed", "baseline/upcycle"]})
-        for variant, overrides in {"top1": dict(top_k=1), "no_load_balance": {}, "random_router": {}}.items():
+        for variant, overrides in {"top1": dict(top_k=1), "no_load_balance": {}, "random_router": {},
+                                   "bias_balance": dict(balance="bias"), "sequence_balance": {}}.items():
             if f"variant/{variant}" in self.records:
                 models.append({"name": f"BTX {variant.replace('_', ' ')}", "stage": f"variant/{variant}",
                                "config": moe(**overrides), "compute": ["seed", *branches, f"variant/{variant}"]})
@@ -323,10 +324,11 @@ def check(config, check_paths: bool = True) -> None:
                                      f"domains{' + the seed expert' if config.mix.seed_expert else ''}",
                                      f"set moe.num_experts={want}")
     unknown = set(_items(r.baselines)) - {"dense", "btm", "upcycle"}
-    unknown |= set(_items(r.variants)) - {"top1", "no_load_balance", "random_router"}
+    unknown |= set(_items(r.variants)) - {"top1", "no_load_balance", "random_router", "bias_balance", "sequence_balance"}
     if unknown:
         raise config_lib.ConfigError("recipe", f"unknown baselines/variants {sorted(unknown)}",
-                                     "baselines: dense, btm, upcycle; variants: top1, no_load_balance, random_router")
+                                     "baselines: dense, btm, upcycle; variants: top1, no_load_balance, random_router, "
+                                     "bias_balance, sequence_balance")
     if r.seeds < 1:
         raise config_lib.ConfigError("recipe.seeds", f"must be >= 1, got {r.seeds}", "use 1 (bootstrap only) or 3+")
     if r.bootstrap < 100:

@@ -2,7 +2,11 @@
 
 The state is a plain dict ``{"params", "opt_state", "step"}`` of arrays (parameters as
 ``nnx.to_pure_dict`` nested dicts), so Orbax saves and restores it directly and the
-surgeon can address any leaf by its path.
+surgeon can address any leaf by its path. With ``moe.balance="bias"`` it also holds
+``router_bias`` [L_moe, E] float32, replicated: the routers' selection bias, set by a rule
+after each step rather than by the optimizer, so it is outside ``params`` (no gradient, no
+Adam state, no weight decay, untouched by the surgeon and ``init_from``, which start it at 0)
+and is checkpointed and restored with the rest of the state.
 """
 from __future__ import annotations
 
@@ -11,10 +15,12 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import optax
+import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from btx_jax import sharding
+from btx_jax import checkpoint, sharding
 from btx_jax.models.transformer import Transformer, TransformerConfig
 
 
@@ -51,6 +57,7 @@ class TrainSetup:
     mesh: Mesh
     abstract_params: dict  # ShapeDtypeStruct leaves carrying their NamedSharding
     state_shardings: dict
+    router_bias_shape: tuple[int, int] | None = None  # (L_moe, E) with moe.balance="bias", else None
 
     def abstract_state(self) -> dict:
         """ShapeDtypeStructs with shardings: targets for restoring onto this mesh."""
@@ -59,10 +66,13 @@ class TrainSetup:
                             shapes, self.state_shardings)
 
     def _init_opt(self, params):
-        return {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32)}
+        state = {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32)}
+        if self.router_bias_shape is not None:
+            state["router_bias"] = jnp.zeros(self.router_bias_shape, jnp.float32)
+        return state
 
     def init_state(self, params: dict) -> dict:
-        """Fresh optimizer state around the given (already sharded) params."""
+        """Fresh optimizer state (and a zero router bias) around the given (already sharded) params."""
         return jax.jit(self._init_opt, out_shardings=self.state_shardings)(params)
 
 
@@ -78,7 +88,18 @@ def make_setup(config, mesh: Mesh) -> TrainSetup:
         tx, lambda _, s: s, jax.eval_shape(tx.init, abstract_params), param_shardings,
         transform_non_params=lambda _: NamedSharding(mesh, P()))
     state_shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": NamedSharding(mesh, P())}
-    return TrainSetup(graphdef, tx, mesh, abstract_params, state_shardings)
+    bias_shape = router_bias_shape(config)
+    if bias_shape is not None:
+        state_shardings["router_bias"] = NamedSharding(mesh, P())
+    return TrainSetup(graphdef, tx, mesh, abstract_params, state_shardings, bias_shape)
+
+
+def router_bias_shape(config) -> tuple[int, int] | None:
+    """(MoE layers, experts) when the config balances by selection bias, else None."""
+    moe = config.get("moe")
+    if moe is None or not moe.num_experts or moe.get("balance", "aux") != "bias":
+        return None
+    return config.model.num_layers // moe.moe_every, moe.num_experts
 
 
 def init_params(config, setup: TrainSetup, seed: int) -> dict:
@@ -93,3 +114,28 @@ def init_params(config, setup: TrainSetup, seed: int) -> dict:
 
 def param_count(abstract_params) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(abstract_params))
+
+
+def _state_metadata(directory: epath.Path) -> dict:
+    return ocp.PyTreeCheckpointer().metadata(directory).item_metadata.tree
+
+
+def checkpoint_state_keys(path) -> set[str]:
+    """The top-level entries of a checkpoint's state (``params``, ``opt_state``, ``step``, ``router_bias``...)."""
+    return set(_state_metadata(epath.Path(checkpoint.step_dir(path)) / "state"))
+
+
+def saved_router_bias(path, mesh: Mesh) -> jax.Array | None:
+    """The ``router_bias`` of a checkpoint (workdir, checkpoints/ or step dir), replicated on `mesh`; None
+    when it has none (dense, surgeon output, or trained without moe.balance="bias").
+
+    Evaluating a checkpoint of a bias-balanced run needs it: the bias decides the routing."""
+    directory = epath.Path(checkpoint.step_dir(path)) / "state"
+    meta = _state_metadata(directory)
+    if "router_bias" not in meta:
+        return None
+    target = jax.ShapeDtypeStruct(tuple(meta["router_bias"].shape), jnp.float32, sharding=NamedSharding(mesh, P()))
+    restored = ocp.PyTreeCheckpointer().restore(directory, args=ocp.args.PyTreeRestore(
+        item={"router_bias": target}, restore_args={"router_bias": ocp.ArrayRestoreArgs(sharding=target.sharding)},
+        partial_restore=True))
+    return restored["router_bias"]

@@ -1,4 +1,10 @@
-"""The jitted train and eval steps: next-token cross entropy over packed rows, plus MoE router losses."""
+"""The jitted train and eval steps: next-token cross entropy over packed rows, plus MoE router losses.
+
+With ``moe.balance="bias"`` the train state also holds the routers' selection bias
+(``state["router_bias"]`` [L_moe, E]): every forward pass routes with it, and each train step
+moves it by the step's global expert load (:func:`btx_jax.models.router.update_bias`) after the
+optimizer update, outside the gradient and the optimizer.
+"""
 from __future__ import annotations
 
 import jax
@@ -7,6 +13,7 @@ import optax
 from flax import nnx
 
 from btx_jax import sharding
+from btx_jax.models import router
 from btx_jax.state import TrainSetup
 
 
@@ -25,18 +32,29 @@ def lm_loss(logits, batch, z_loss: float = 0.0, tokens=None):
     return ce + zl, {"loss": ce, "z_loss": zl}
 
 
-def forward(graphdef, params, batch, *, train: bool = False, rng=None, probe: bool = False):
-    """-> (logits, per-layer MoE aux: {name: [L_moe, ...]}, empty for a dense model)."""
+def forward(graphdef, params, batch, *, train: bool = False, rng=None, probe: bool = False, router_bias=None):
+    """-> (logits, per-layer MoE aux: {name: [L_moe, ...]}, empty for a dense model).
+    `router_bias` [L_moe, E]: the state's selection bias (moe.balance="bias"); None routes without one."""
     model = nnx.merge(graphdef, params)
-    return model(batch["inputs"], batch["segment_ids"], batch["positions"], train=train, rng=rng, probe=probe)
+    return model(batch["inputs"], batch["segment_ids"], batch["positions"], train=train, rng=rng, probe=probe,
+                 router_bias=router_bias)
+
+
+BALANCE_LOSSES = {"aux": "load_balance_loss", "sequence": "sequence_balance_loss", "bias": None}
 
 
 def moe_loss(aux: dict, moe_config) -> tuple[jax.Array, dict]:
-    """Weighted router losses (each averaged over MoE layers) and the per-layer metrics to log."""
+    """Weighted router losses (each averaged over MoE layers) and the per-layer metrics to log.
+
+    The balancing term follows ``moe.balance``: the batch's Switch loss (aux), its per-sequence
+    form (sequence), or none (bias: the selection bias balances instead); the z-loss always applies.
+    """
     if not aux:
         return jnp.zeros(()), {}
-    loss = (moe_config.load_balance_weight * aux["load_balance_loss"].mean()
-            + moe_config.router_z_weight * aux["router_z_loss"].mean())
+    loss = moe_config.router_z_weight * aux["router_z_loss"].mean()
+    balance_loss = BALANCE_LOSSES[moe_config.get("balance", "aux")]
+    if balance_loss is not None:
+        loss = loss + moe_config.load_balance_weight * aux[balance_loss].mean()
     return loss, {f"moe/{name}": value for name, value in aux.items()}
 
 
@@ -54,11 +72,12 @@ def make_loss_fn(graphdef, config):
     metrics are the microbatch's own per-layer values weighted by its share of the step's
     non-padding tokens: exact for token means (router z-loss, entropy, confidence, dropped
     fraction), while the load-balancing loss, a product of two batch means, becomes the
-    token-weighted average of each microbatch's loss (as with per-group balancing); with
-    grad_accum = 1 every share is 1 and all of it is the full batch's.
+    token-weighted average of each microbatch's loss (as with per-group balancing; the sequence loss,
+    a mean over rows, becomes a token-weighted one); with grad_accum = 1 every share is 1 and all of
+    it is the full batch's. ``moe/expert_load``, a token mean, is exact: the bias update sees the step's load.
     """
-    def loss_fn(params, batch, rng, totals):
-        logits, aux = forward(graphdef, params, batch, train=True, rng=rng)
+    def loss_fn(params, batch, rng, totals, router_bias=None):
+        logits, aux = forward(graphdef, params, batch, train=True, rng=rng, router_bias=router_bias)
         loss, metrics = lm_loss(logits, batch, config.optim.z_loss, tokens=totals["loss"])
         router_loss, moe_metrics = moe_loss(aux, config.get("moe"))
         share = (batch["segment_ids"] != 0).sum().astype(jnp.float32) / totals["routed"]
@@ -76,21 +95,22 @@ def _microbatches(batch: dict, count: int) -> dict:
     return jax.tree.map(split, batch)
 
 
-def accumulate(grad_fn, params, batch, rng, count: int, param_shardings):
-    """Sum of `grad_fn`'s (grads, metrics) over `count` microbatches (a scan; `count` = 1: one call)."""
+def accumulate(grad_fn, params, batch, rng, count: int, param_shardings, router_bias=None):
+    """Sum of `grad_fn`'s (grads, metrics) over `count` microbatches (a scan; `count` = 1: one call).
+    The share-weighted ``moe/expert_load`` summed this way is the whole step's load."""
     totals = token_totals(batch)
     if count == 1:
-        (_, metrics), grads = grad_fn(params, batch, rng, totals)
+        (_, metrics), grads = grad_fn(params, batch, rng, totals, router_bias)
         return grads, metrics
 
     def body(carry, inputs):
         index, micro = inputs
-        (_, metrics), grads = grad_fn(params, micro, jax.random.fold_in(rng, index), totals)
+        (_, metrics), grads = grad_fn(params, micro, jax.random.fold_in(rng, index), totals, router_bias)
         return jax.tree.map(jnp.add, carry, (grads, metrics)), None
 
     micro = _microbatches(batch, count)
     first = jax.tree.map(lambda x: x[0], micro)
-    shapes = jax.eval_shape(lambda: grad_fn(params, first, rng, totals))
+    shapes = jax.eval_shape(lambda: grad_fn(params, first, rng, totals, router_bias))
     (_, metric_shapes), grad_shapes = shapes
     zeros = jax.tree.map(lambda s, sh: jax.lax.with_sharding_constraint(jnp.zeros(s.shape, s.dtype), sh),
                          grad_shapes, param_shardings)
@@ -105,7 +125,8 @@ def make_train_step(setup: TrainSetup, batch_shardings: dict, config):
     With ``train.grad_accum`` = n the batch is n microbatches of batch_size / n rows, run one
     after another; their gradients are summed into one update equal to the full batch's (see
     :func:`make_loss_fn` for the router losses). Metrics are scalars, except ``moe/*`` entries:
-    per MoE layer [L_moe] (``expert_usage`` [L_moe, E]).
+    per MoE layer [L_moe] (``expert_usage`` [L_moe, E]; see :func:`balance_metrics`). With a
+    ``router_bias`` in the state (moe.balance="bias") the bias is updated from the step's load.
     """
     base_key = jax.random.key(config.train.seed)
     grad_fn = jax.value_and_grad(make_loss_fn(setup.graphdef, config), has_aux=True)
@@ -113,26 +134,53 @@ def make_train_step(setup: TrainSetup, batch_shardings: dict, config):
 
     def train_step(state, batch):
         rng = jax.random.fold_in(base_key, state["step"])
-        grads, metrics = accumulate(grad_fn, state["params"], batch, rng, count, setup.state_shardings["params"])
+        bias = state.get("router_bias")
+        grads, metrics = accumulate(grad_fn, state["params"], batch, rng, count, setup.state_shardings["params"], bias)
         updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics["grad_norm"] = optax.tree.norm(grads)
-        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+        new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
+        if bias is not None:  # after the step that used it: the next step routes with the new bias
+            new_state["router_bias"] = router.update_bias(bias, metrics["moe/expert_load"], config.moe.bias_rate)
+        return new_state, balance_metrics(metrics, bias)
 
     jitted = jax.jit(train_step, in_shardings=(setup.state_shardings, batch_shardings),
                      out_shardings=(setup.state_shardings, None), donate_argnums=0)
     return _under_mesh(jitted, setup.mesh)
 
 
+def balance_metrics(metrics: dict, bias=None) -> dict:
+    """Replaces ``moe/expert_load`` [L_moe, E] by per-layer entries the metrics writer logs like the others:
+    ``moe/expert_load/<e>`` (expert e's share of the routing choices, before drops), ``moe/load_imbalance``
+    (max load / mean load: 1 is perfect balance) and, with a selection bias, ``moe/bias_spread``
+    (max - min of the bias the step routed with)."""
+    if "moe/expert_load" not in metrics:
+        return metrics
+    load = metrics.pop("moe/expert_load")
+    metrics["moe/load_imbalance"] = load.max(axis=-1) / jnp.maximum(load.mean(axis=-1), 1e-9)
+    metrics.update({f"moe/expert_load/{e}": load[:, e] for e in range(load.shape[-1])})
+    if bias is not None:
+        metrics["moe/bias_spread"] = bias.max(axis=-1) - bias.min(axis=-1)
+    return metrics
+
+
 def make_eval_step(setup: TrainSetup, batch_shardings: dict):
-    """(params, batch) -> (sum of token NLL, number of tokens)."""
-    def eval_step(params, batch):
-        logits, _ = forward(setup.graphdef, params, batch)
+    """(params, batch, router_bias=None) -> (sum of token NLL, number of tokens); pass the state's
+    ``router_bias`` (by keyword) when it has one: the bias is part of the model's routing."""
+    def eval_step(params, batch, router_bias=None):
+        logits, _ = forward(setup.graphdef, params, batch, router_bias=router_bias)
         nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0]
         return (nll * batch["loss_mask"]).sum(), batch["loss_mask"].sum()
 
-    jitted = jax.jit(eval_step, in_shardings=(setup.state_shardings["params"], batch_shardings))
-    return _under_mesh(jitted, setup.mesh)
+    jitted = _under_mesh(jax.jit(eval_step, in_shardings=(setup.state_shardings["params"], batch_shardings, None)),
+                         setup.mesh)
+    return lambda params, batch, router_bias=None: jitted(params, batch, router_bias)
+
+
+def with_router_bias(fn, router_bias):
+    """(params, batch) -> fn(params, batch, router_bias): an eval step or token scorer bound to a model's
+    selection bias (None for models without one), for callers that pass (params, batch)."""
+    return lambda params, batch: fn(params, batch, router_bias)
 
 
 def _under_mesh(fn, mesh):

@@ -23,7 +23,7 @@ from btx_jax.data.tokenizer import make_tokenizer
 from btx_jax.flops import job_peak_flops, matmul_params, train_flops_per_token
 from btx_jax.metrics import MetricsWriter
 from btx_jax.data.datasets import DataError
-from btx_jax.state import TrainSetup, init_params, make_setup, param_count, schedule
+from btx_jax.state import TrainSetup, checkpoint_state_keys, init_params, make_setup, param_count, schedule
 
 # Errors caused by the user's input: printed as one clear message, exit status 2.
 USER_ERRORS = (config_lib.ConfigError, DataError, checkpoint.CheckpointError)
@@ -77,6 +77,7 @@ def initial_state(config, setup: TrainSetup, manager, data_iterator) -> tuple[di
     latest = manager.latest_step()
     if latest is not None:
         checkpoint.check_compatible(checkpoint.step_dir(str(manager.directory)), setup.abstract_params)
+        _check_router_bias(checkpoint.step_dir(str(manager.directory)), setup)
         print(f"[train] resuming from step {latest} in {manager.directory}", flush=True)
         return checkpoint.restore(manager, latest, setup.abstract_state(), data_iterator), latest
     if config.train.init_from:
@@ -84,6 +85,17 @@ def initial_state(config, setup: TrainSetup, manager, data_iterator) -> tuple[di
               "(fresh optimizer, step 0)", flush=True)
         return setup.init_state(checkpoint.load_params(config.train.init_from, setup.abstract_params)), 0
     return setup.init_state(init_params(config, setup, config.train.seed)), 0
+
+
+def _check_router_bias(path: str, setup: TrainSetup) -> None:
+    """A run resumes with the balancing it was started with: the state's ``router_bias`` exists only with
+    moe.balance=bias (to change the balancing, start a new workdir with train.init_from)."""
+    saved = "router_bias" in checkpoint_state_keys(path)
+    if saved != (setup.router_bias_shape is not None):
+        raise checkpoint.CheckpointError(
+            f"checkpoint {path} was trained {'with' if saved else 'without'} moe.balance=bias, this config "
+            f"{'does not use' if saved else 'uses'} it\n  fix: resume with the same moe.balance, or start a new "
+            "workdir with --config.train.init_from pointing to this checkpoint")
 
 
 class Throughput:
@@ -134,6 +146,7 @@ def _log_train(writer, throughput, pending: list, step: int, config, lr_at) -> N
     if router:
         writer.router_stats(step, router)
         moe_line = (f" | balance {router['load_balance_loss'].mean():.3f} "
+                    f"max/mean load {router['load_imbalance'].max():.2f} "
                     f"dropped {router['dropped_fraction'].mean():.1%}")
     print(f"[train] step {step}/{config.train.steps} loss {logged['loss']:.4f}{moe_line} | "
           f"{logged['perf/tokens_per_s']:,.0f} tok/s | mfu {logged['perf/mfu']:.2f} | "
@@ -203,7 +216,8 @@ def run(config, workdir: str) -> dict:
                 _log_train(writer, throughput, pending, step, config, lr_at)
                 pending = []
             if _due(step, config.train.eval_every, total):
-                eval_metrics = evaluate(eval_step, state["params"], eval_sets, shardings)
+                eval_metrics = evaluate(steps.with_router_bias(eval_step, state.get("router_bias")),
+                                        state["params"], eval_sets, shardings)
                 _log_eval(writer, step, eval_metrics)
                 throughput.restart(step)
             stopping = stop.check(step)  # every step: a multi-process job's processes must agree on the step

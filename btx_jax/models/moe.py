@@ -4,6 +4,10 @@ Parameters (a contract with the checkpoint surgeon, parallel to the dense FFN
 ``mlp/{gate,up,down}/kernel``): ``moe/router/kernel`` [D, E] and
 ``moe/experts/{gate,up}/kernel`` [E, D, F], ``moe/experts/down/kernel`` [E, F, D]; with the
 layer stack in front, [L, E, D, F]. Expert e is a dense SwiGLU FFN of width F.
+
+The selection bias of ``balance="bias"`` is not a parameter: it is trained by a rule, not by the
+optimizer, so it lives in the train state (``state["router_bias"]`` [L, E]) and comes in as a call
+argument; params, the surgeon's checkpoints and ``init_from`` never see it.
 """
 from __future__ import annotations
 
@@ -32,6 +36,8 @@ class MoEConfig:
     expert_dropout: float = 0.0
     load_balance_weight: float = 0.01
     router_z_weight: float = 0.001
+    balance: str = "aux"
+    bias_rate: float = 0.003
     grouped_impl: str = "auto"
     grouped_block: int = 128
 
@@ -72,9 +78,11 @@ class MoE(nnx.Module):
         self.router = Weight((d_model, cfg.num_experts), ("embed", None), cfg.router_init_std, param_dtype, rngs)
         self.experts = Experts(cfg.num_experts, d_model, mlp_dim, std=std, dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, segment_ids, *, train: bool = False, rng: jax.Array | None = None, probe: bool = False):
+    def __call__(self, x, segment_ids, *, train: bool = False, rng: jax.Array | None = None, probe: bool = False,
+                 router_bias: jax.Array | None = None):
         """`probe` adds ``router_input_sum`` [D] and ``router_input_count`` (over non-padding tokens) to
-        the aux: the surgeon's centroid router initialisation reads the mean router input from them."""
+        the aux: the surgeon's centroid router initialisation reads the mean router input from them.
+        `router_bias` [E]: this layer's selection bias (balance="bias"; None: no bias)."""
         cfg = self.cfg
         b, t, d = x.shape
         s = min(cfg.group_size, t)
@@ -82,7 +90,7 @@ class MoE(nnx.Module):
         mask = (segment_ids != 0).reshape(b * t // s, s)
         jitter_rng, dropout_rng = jax.random.split(rng) if rng is not None else (None, None)
         routing = router.route(groups, self.router.kernel[...], mask, top_k=cfg.top_k, renormalize=cfg.renormalize,
-                               jitter=cfg.router_jitter if train else 0.0, rng=jitter_rng)
+                               jitter=cfg.router_jitter if train else 0.0, rng=jitter_rng, bias=router_bias)
         kwargs = dict(dtype=self.dtype)
         if cfg.dispatcher == "dropless":
             kept = jnp.broadcast_to(mask[..., None], routing.experts.shape)
@@ -98,6 +106,8 @@ class MoE(nnx.Module):
             kwargs.update(dropout=cfg.expert_dropout, rng=dropout_rng)
         y = dispatch.DISPATCHERS[cfg.dispatcher](groups, routing, kept, self.experts.weights(), **kwargs)
         aux = router.router_losses(routing, cfg.num_experts) | router.router_metrics(routing, kept, cfg.num_experts)
+        if cfg.balance == "sequence":
+            aux["sequence_balance_loss"] = router.sequence_balance_loss(routing, cfg.num_experts, b)
         if probe:
             m = mask.astype(jnp.float32)
             aux |= {"router_input_sum": jnp.einsum("gsd,gs->d", groups.astype(jnp.float32), m),

@@ -3,6 +3,12 @@
 Everything here runs under GSPMD on the global token array, so the auxiliary losses and
 metrics are global means whatever the mesh: no hand-written psum can be forgotten.
 
+Load balancing (``moe.balance``) comes in three forms: ``aux``, the Switch loss over the batch
+(:func:`router_losses`); ``sequence``, the same product per sequence (:func:`sequence_balance_loss`,
+DeepSeek-V3's sequence-wise loss); ``bias``, DeepSeek-V3's auxiliary-loss-free balancing: a
+per-expert bias added to the scores for the top-k *selection* only (:func:`route`), moved after
+every step against the load it caused (:func:`update_bias`), with no gradient anywhere.
+
 Axis letters: G routing groups, S tokens per group, D model, E experts, K = top_k, C capacity.
 """
 from __future__ import annotations
@@ -29,7 +35,7 @@ jax.tree_util.register_dataclass(Routing, data_fields=["experts", "weights", "ma
 
 
 def route(x: jax.Array, kernel: jax.Array, mask: jax.Array, *, top_k: int, renormalize: bool,
-          jitter: float = 0.0, rng: jax.Array | None = None) -> Routing:
+          jitter: float = 0.0, rng: jax.Array | None = None, bias: jax.Array | None = None) -> Routing:
     """x [G, S, D] -> top-k experts. The router is computed in float32 whatever the compute dtype.
 
     Gates: for top_k == 1 the gate is the router probability p itself, whatever `renormalize`
@@ -37,13 +43,21 @@ def route(x: jax.Array, kernel: jax.Array, mask: jax.Array, *, top_k: int, renor
     which the LM loss gives the router no gradient. For top_k > 1 with `renormalize` the top-k
     probabilities are divided by their sum (so an MoE whose experts are copies of one FFN equals
     that FFN; with top-1 it gives p * FFN), otherwise they are the raw probabilities.
+
+    `bias` [E] (balance="bias") is added to the probabilities to *choose* the top-k only; the gates
+    are still the unbiased probabilities of the chosen experts (renormalized as above), so the bias
+    steers where tokens go without changing what an expert's output is worth (DeepSeek-V3).
     """
     x32 = x.astype(jnp.float32)
     if jitter > 0.0:
         x32 = x32 * jax.random.uniform(rng, x32.shape, jnp.float32, 1.0 - jitter, 1.0 + jitter)
     logits = jnp.einsum("gsd,de->gse", x32, kernel.astype(jnp.float32))
     probs = jax.nn.softmax(logits, axis=-1)
-    weights, experts = jax.lax.top_k(probs, top_k)
+    if bias is None:
+        weights, experts = jax.lax.top_k(probs, top_k)
+    else:
+        _, experts = jax.lax.top_k(probs + bias.astype(jnp.float32), top_k)
+        weights = jnp.take_along_axis(probs, experts, axis=-1)
     if renormalize and top_k > 1:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     return Routing(experts.astype(jnp.int32), weights, mask, probs, logits)
@@ -96,6 +110,37 @@ def router_losses(routing: Routing, num_experts: int) -> dict[str, jax.Array]:
             "router_z_loss": jnp.sum(jnp.square(log_z) * m) / tokens}
 
 
+def sequence_balance_loss(routing: Routing, num_experts: int, sequences: int) -> jax.Array:
+    """DeepSeek-V3's sequence-wise balance loss: E * sum_e f_e p_e within each sequence, averaged over the
+    sequences that hold a non-padding token.
+
+    The batch-level loss is content with a batch whose sequences each use one expert, as long as
+    the batch as a whole is balanced; this one asks every sequence to spread its own tokens. The
+    groups are consecutive slices of the `sequences` rows ([G, S] reshapes to [rows, tokens]).
+    """
+    top_k = routing.experts.shape[-1]
+    m = routing.mask.reshape(sequences, -1).astype(jnp.float32)  # [B, T]
+    chosen = jnp.sum(jax.nn.one_hot(routing.experts, num_experts, dtype=jnp.float32), axis=2)
+    chosen = chosen.reshape(sequences, -1, num_experts)
+    probs = routing.probs.reshape(sequences, -1, num_experts)
+    tokens = m.sum(axis=1)  # [B]
+    f = jnp.einsum("bte,bt->be", chosen, m) / jnp.maximum(tokens * top_k, 1.0)[:, None]
+    p = jnp.einsum("bte,bt->be", probs, m) / jnp.maximum(tokens, 1.0)[:, None]
+    present = (tokens > 0).astype(jnp.float32)
+    return jnp.sum(num_experts * jnp.sum(f * p, axis=-1) * present) / jnp.maximum(present.sum(), 1.0)
+
+
+def update_bias(bias: jax.Array, load: jax.Array, rate: float) -> jax.Array:
+    """b_e += rate * sign(mean load - load_e), per layer: bias and load [L, E], load the fraction of the
+    step's routing choices (before drops) that went to each expert.
+
+    A sign step, as in DeepSeek-V3: the size of the imbalance does not matter, so the bias moves
+    at a known speed and settles into an oscillation of +-rate around the balancing value.
+    """
+    mean = jnp.mean(load, axis=-1, keepdims=True)
+    return bias + rate * jnp.sign(mean - load).astype(bias.dtype)
+
+
 def router_metrics(routing: Routing, kept: jax.Array, num_experts: int) -> dict[str, jax.Array]:
     """Per-layer routing statistics; `kept` [G, S, K] marks the choices that were not dropped."""
     m = routing.mask.astype(jnp.float32)
@@ -108,6 +153,9 @@ def router_metrics(routing: Routing, kept: jax.Array, num_experts: int) -> dict[
     return {
         "dropped_fraction": jnp.sum(choices - kept) / (tokens * top_k),
         "expert_usage": usage / jnp.maximum(usage.sum(), 1.0),  # [E], fraction of routed choices per expert
+        # [E], fraction of all routing choices per expert before any drop: what the balancing acts on
+        "expert_load": jnp.einsum("gske,gs->e", jax.nn.one_hot(routing.experts, num_experts, dtype=jnp.float32), m)
+                       / (tokens * top_k),
         "router_entropy": jnp.sum(entropy * m) / tokens,
         "router_confidence": jnp.sum(jnp.max(routing.probs, axis=-1) * m) / tokens,
     }

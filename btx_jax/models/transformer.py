@@ -209,11 +209,12 @@ class Block(nnx.Module):
         else:
             self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x, segment_ids, positions, *, train: bool = False, rng=None, probe: bool = False):
+    def __call__(self, x, segment_ids, positions, *, train: bool = False, rng=None, probe: bool = False,
+                 router_bias=None):
         x = x + self.attn(self.attn_norm(x), segment_ids, positions)
         aux = {}
         if hasattr(self, "moe"):
-            y, aux = self.moe(self.mlp_norm(x), segment_ids, train=train, rng=rng, probe=probe)
+            y, aux = self.moe(self.mlp_norm(x), segment_ids, train=train, rng=rng, probe=probe, router_bias=router_bias)
         else:
             y = self.mlp(self.mlp_norm(x))
         return constrain(x + y, "batch", "length", "act_embed"), aux
@@ -267,16 +268,18 @@ class Transformer(nnx.Module):
             self.lm_head = Projection((cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
                                       std=cfg.init_std, cfg=cfg, rngs=rngs)
 
-    def __call__(self, tokens, segment_ids=None, positions=None, *, train: bool = False, rng=None, probe: bool = False):
+    def __call__(self, tokens, segment_ids=None, positions=None, *, train: bool = False, rng=None, probe: bool = False,
+                 router_bias=None):
         """`train` selects the training capacity factor, router jitter and expert dropout (which need `rng`);
-        `probe` adds each MoE layer's router-input sums to the aux (see MoE)."""
+        `probe` adds each MoE layer's router-input sums to the aux (see MoE); `router_bias` [L_moe, E] is the
+        MoE layers' selection bias (moe.balance="bias", kept in the train state; None: none)."""
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         x = constrain(self.embed(tokens), "batch", "length", "act_embed")
         rng = jax.random.key(0) if rng is None else rng
-        x, aux = self._apply_layers(x, segment_ids, positions, train, rng, probe)
+        x, aux = self._apply_layers(x, segment_ids, positions, train, rng, probe, router_bias)
         x = self.final_norm(x)
         if self.cfg.tie_embeddings:
             logits = self.embed.attend(x)
@@ -284,28 +287,29 @@ class Transformer(nnx.Module):
             logits = self.lm_head("btd,dv->btv", x)
         return constrain(logits.astype(jnp.float32), "batch", "length", "act_vocab"), aux
 
-    def _apply_layers(self, x, segment_ids, positions, train, rng, probe):
+    def _apply_layers(self, x, segment_ids, positions, train, rng, probe, router_bias):
+        """The layer stack as scans; `router_bias` [L_moe, E] (or None) is scanned alongside the MoE blocks."""
         cfg = self.cfg
 
-        def scan_blocks(x, blocks, keys, unroll):
-            def apply_block(x, block, key):
-                return block(x, segment_ids, positions, train=train, rng=key, probe=probe)
+        def scan_blocks(x, blocks, keys, unroll, bias=None):
+            def apply_block(x, block, key, bias):
+                return block(x, segment_ids, positions, train=train, rng=key, probe=probe, router_bias=bias)
 
             if cfg.remat != "none":
                 apply_block = nnx.remat(apply_block, policy=_REMAT_POLICIES[cfg.remat])
-            scan = nnx.scan(apply_block, in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0), unroll=unroll,
+            scan = nnx.scan(apply_block, in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0), unroll=unroll,
                             transform_metadata={nnx.PARTITION_NAME: "layers"})
-            return scan(x, blocks, keys)
+            return scan(x, blocks, keys, bias)
 
         count = cfg.num_layers if cfg.moe is None else cfg.num_layers // cfg.moe.moe_every
         keys = jax.random.split(rng, count)
         if cfg.moe is None or cfg.moe.moe_every == 1:
-            return scan_blocks(x, self.layers, keys, scan_unroll(cfg))
+            return scan_blocks(x, self.layers, keys, scan_unroll(cfg), router_bias)
 
-        def apply_group(x, moe_block, dense_blocks, key):
+        def apply_group(x, moe_block, dense_blocks, key, bias):
             x, _ = scan_blocks(x, dense_blocks, jax.random.split(key, cfg.moe.moe_every - 1), 1)
-            return moe_block(x, segment_ids, positions, train=train, rng=key, probe=probe)
+            return moe_block(x, segment_ids, positions, train=train, rng=key, probe=probe, router_bias=bias)
 
-        scan = nnx.scan(apply_group, in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0),
+        scan = nnx.scan(apply_group, in_axes=(nnx.Carry, 0, 0, 0, 0), out_axes=(nnx.Carry, 0),
                         transform_metadata={nnx.PARTITION_NAME: "layers"})
-        return scan(x, self.layers, self.dense_layers, keys)
+        return scan(x, self.layers, self.dense_layers, keys, router_bias)
