@@ -39,7 +39,7 @@ from btx_jax.graph import Stage, compute, dense_config, items as _items, moe_con
 from btx_jax.results import calibration_sets, save_scores, summarise
 from btx_jax.stages import StageStore, relevant_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # local: this package's checkout
 
 
 # ---------------------------------------------------------------------------------- the recipe
@@ -87,8 +87,8 @@ class Recipe:
         done = self.store.begin(stage, relevant_config(c, MIX_SECTIONS), inputs)
         if done is not None:
             return done
-        if epath.Path(c.mix.output).exists():  # written, but the stage marker was not: redo
-            epath.Path(c.mix.output).rmtree()
+        if paths.resolve(c.mix.output).exists():  # written, but the stage marker was not: redo
+            paths.resolve(c.mix.output).rmtree()
         manifest = mix.run(c, out=self.out)
         return self.store.finish(stage, {"steps": 0, "tokens": 0, "flops": 0.0, "kind": "mix",
                                          "seconds": manifest["seconds"], "router_init": c.mix.router_init})
@@ -115,7 +115,7 @@ class Recipe:
             if paths.is_url(self.workdir):  # a subprocess cannot write its log to a URL: it shares ours
                 log, where = None, "this output"
             else:
-                log = open(self.path(stage) / "train.log", "w")  # noqa: SIM115 (closed below)
+                log = open(self.path(stage) / "train.log", "w")  # noqa: SIM115  # local: checked just above
                 logs.append(log)
                 where = log.name
             self.out(f"[recipe] {stage}: started as a process (log: {where})")

@@ -223,6 +223,7 @@ def run(config, workdir: str) -> dict:
             stopping = stop.check(step)  # every step: a multi-process job's processes must agree on the step
             if _due(step, config.train.checkpoint_every, total) or stopping:
                 checkpoint.save(manager, step, state, data_iterator, config)
+                writer.flush()  # on a URL the metrics file is uploaded whole: keep the lines a resume will not redo
         manager.wait_until_finished()
     finally:
         stop.restore()
