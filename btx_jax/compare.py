@@ -8,9 +8,13 @@ evaluation never drops a token). The BTM rows are built from the branches here:
   - uniform parameter average;
   - posterior-weighted parameter average, whose per-domain weights are fitted on a
     calibration set drawn from the *training* split (never on the documents it is scored on).
+
+With ``recipe.opt_out`` the BTX model is also scored with each expert masked in turn
+(``moe.masked_experts``, FlexOlmo's opt-out: what each data owner's expert is worth, per domain).
 """
 from __future__ import annotations
 
+import copy
 import json
 
 import jax
@@ -19,6 +23,7 @@ import numpy as np
 from btx_jax import btm, checkpoint, sharding, steps
 from btx_jax.evaluate import DomainScores, make_token_scorer, per_document, score_model, token_nll
 from btx_jax.metrics import read_metrics
+from btx_jax.models.moe import masked_indices
 from btx_jax.state import make_setup, saved_router_bias
 
 
@@ -63,8 +68,40 @@ def score_trial(recipe, eval_sets: dict, calibration_sets: dict, with_btm: bool,
                     "eval": float(np.mean([r["dropped_fraction"] for r in routing.values()]))}
         rows[model["name"]] = {"scores": scores, "routing": routing, "drop": drop, "compute": model["compute"]}
         out(f"[recipe] eval: {model['name']}: " + ", ".join(f"{d} {s.ppl:.3f}" for d, s in scores.items()))
+    if recipe.config.recipe.get("opt_out", False):
+        rows["BTX"]["opt_out"] = opt_out_scores(recipe, eval_sets, scorer, out=out)
     if with_btm:
         rows.update(btm_rows(recipe, eval_sets, calibration_sets, scorer, branch_nll, out=out))
+    return rows
+
+
+def score_masked(recipe, model: dict, masked: str, eval_sets: dict, scorer: Scorer, params=None) -> dict:
+    """{domain: DomainScores} of an MoE model of `recipe.models()` with ``moe.masked_experts=masked``
+    ("": the model as trained); `params`: its params, already loaded (the masked model's are the same)."""
+    c = copy.deepcopy(model["config"])
+    c.moe.masked_experts = masked
+    setup, score_fn = scorer.setup(c)
+    if params is None:
+        params = checkpoint.load_params(recipe.path(model["stage"]), setup.abstract_params)
+    bias = saved_router_bias(recipe.path(model["stage"]), setup.mesh)
+    return score_model(steps.with_router_bias(score_fn, bias), params, eval_sets, steps.batch_shardings(setup.mesh))[0]
+
+
+def opt_out_scores(recipe, eval_sets: dict, scorer: Scorer, out=print) -> dict[str, dict]:
+    """{expert label: {domain: DomainScores}}: BTX with that one expert masked (never routed to), for every
+    expert; labels from ``recipe.expert_labels()`` (expert i = sorted domain i, the seed's FFN last)."""
+    btx = next(m for m in recipe.models() if m["name"] == "BTX")
+    setup, _ = scorer.setup(btx["config"])
+    params = checkpoint.load_params(recipe.path(btx["stage"]), setup.abstract_params)
+    already = masked_indices(btx["config"].moe.masked_experts)  # masked by the config itself: stay masked
+    rows = {}
+    for index, label in enumerate(recipe.expert_labels()):
+        if index in already:
+            continue
+        masked = ",".join(str(i) for i in sorted({*already, index}))
+        rows[label] = score_masked(recipe, btx, masked, eval_sets, scorer, params)
+        out(f"[recipe] eval: BTX without expert {index} ({label}): "
+            + ", ".join(f"{d} {s.ppl:.3f}" for d, s in rows[label].items()))
     return rows
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
 
 from ml_collections import ConfigDict
 
@@ -93,6 +94,9 @@ def base_config() -> ConfigDict:
         # alltoall: what TPU/GPU want) | auto (blocks on CPU, native elsewhere)
         grouped_impl="auto",
         grouped_block=128,     # rows per block for grouped_impl=blocks
+        # comma-separated expert indices that are never chosen (router logit -inf: the others' probabilities
+        # renormalise), e.g. "2": the MoE without expert 2, checkpoint untouched (FlexOlmo's opt-out); "": none
+        masked_experts="",
     ))
     c.mix = ConfigDict(dict(   # the checkpoint surgeon (python -m btx_jax.mix); the target is model + moe above
         experts="",            # comma-separated dense checkpoints (workdir, checkpoints/ or step dir): expert i <- source i
@@ -131,6 +135,9 @@ def base_config() -> ConfigDict:
         eval_tokens=100_000,   # scored targets per domain, a fixed prefix of each held-out split (0: the whole split)
         calibration_tokens=20_000,  # training-split tokens per domain that fit the BTM posterior-average weights
         bootstrap=1000,        # paired bootstrap replicates (documents x trials) for the 95% intervals
+        # BTX scored again with each expert masked (moe.masked_experts; E more evaluations): the report's
+        # "Opting out one expert" table, each domain's perplexity change with a paired interval
+        opt_out=True,
         rerun_from="",         # comma-separated stages to re-run with everything downstream, e.g. finetune, branch/code
         # > 0: the seed/branch/finetune steps above are a *budget* (their FLOPs), re-split so that the seed
         # gets this share and the branches and finetune the rest in their proportion (btx_jax/sweep.py)
@@ -177,6 +184,10 @@ def base_config() -> ConfigDict:
         peak_flops=0.0,        # FLOP/s of the whole job for MFU; 0: look up / measure
         grad_accum=1,          # microbatches per step (gradients summed over them): data.batch_size rows per step,
                                # batch_size / grad_accum in memory at once
+        # a regex searched in each param path (e.g. "router" or "moe/router/kernel"): only matching params are
+        # trained (the others get no update, no Adam state, no weight decay; grad_norm covers the trained ones);
+        # "": every param
+        trainable="",
     ))
     return c
 
@@ -267,6 +278,26 @@ def _check_moe(e: ConfigDict, m: ConfigDict, seq_len: int) -> None:
     if not 0 < e.bias_rate < 1:
         raise ConfigError("moe.bias_rate", f"must be in (0, 1), got {e.bias_rate}",
                           "use e.g. 0.003 (the bias is in router-probability units; DeepSeek-V3 uses 0.001)")
+    _check_masked(e)
+
+
+def _check_masked(e: ConfigDict) -> None:
+    """moe.masked_experts: distinct indices in [0, E), and at least top_k experts left to route to."""
+    items = [item.strip() for item in str(e.get("masked_experts", "")).split(",") if item.strip()]
+    if not all(item.isdigit() for item in items):
+        raise ConfigError("moe.masked_experts", f"expected comma-separated expert indices, got {e.masked_experts!r}",
+                          "use e.g. '2' or '0,3' (indices from 0 to num_experts - 1), or '' to mask none")
+    masked = [int(item) for item in items]
+    bad = [i for i in masked if i >= e.num_experts]
+    if bad:
+        raise ConfigError("moe.masked_experts", f"experts {bad} do not exist (num_experts={e.num_experts})",
+                          f"use indices from 0 to {e.num_experts - 1}")
+    if len(set(masked)) != len(masked):
+        raise ConfigError("moe.masked_experts", f"an expert is named twice in {e.masked_experts!r}",
+                          "name each masked expert once")
+    if e.num_experts - len(masked) < e.top_k:
+        raise ConfigError("moe.masked_experts", f"masking {len(masked)} of {e.num_experts} experts leaves fewer than "
+                          f"top_k={e.top_k}", "mask fewer experts, or lower moe.top_k")
 
 
 def _check_data(d: ConfigDict, check_paths: bool = True) -> None:
@@ -310,6 +341,11 @@ def _check_optim_train(c: ConfigDict, check_paths: bool = True) -> None:
     if not isinstance(accum, int) or accum < 1 or c.data.batch_size % accum:
         raise ConfigError("train.grad_accum", f"must be an integer >= 1 dividing data.batch_size={c.data.batch_size}, "
                           f"got {accum!r}", "use 1 (no accumulation) or a divisor of data.batch_size")
+    try:
+        re.compile(c.train.get("trainable", ""))
+    except re.error as error:
+        raise ConfigError("train.trainable", f"not a regular expression ({error}): {c.train.trainable!r}",
+                          "use a Python regex searched in param paths, e.g. 'router' or 'moe/router/kernel'") from None
     if check_paths and c.train.init_from and not _path("train.init_from", c.train.init_from).exists():
         raise ConfigError("train.init_from", f"checkpoint not found: {c.train.init_from!r}",
                           "point it to a workdir's checkpoints/ directory or one of its step directories")

@@ -36,6 +36,7 @@ from ml_collections import ConfigDict, config_flags
 from btx_jax import compare as compare_lib, compilation_cache, config as config_lib, distributed, evaluate, graph, mix
 from btx_jax import paths, plan, pretrained_seed, report, sweep, train
 from btx_jax.graph import Stage, compute, dense_config, items as _items, moe_config
+from btx_jax.models.moe import masked_indices
 from btx_jax.results import calibration_sets, save_scores, summarise
 from btx_jax.stages import StageStore, relevant_config
 
@@ -196,6 +197,11 @@ class Recipe:
             return relevant_config(stage.config, MIX_SECTIONS)
         return relevant_config(stage.config, TRAIN_SECTIONS + (("moe",) if stage.config.moe.num_experts else ()))
 
+    def expert_labels(self) -> list[str]:
+        """What each expert of the BTX MoE was, by index: the surgeon makes expert i from branch i (the sorted
+        domains), then the seed's own FFN with mix.seed_expert."""
+        return [*self.domains, *(["seed"] if self.config.mix.seed_expert else [])]
+
     def models(self) -> list[dict]:
         """Every trained model: name, stage, config (MoE models evaluated dropless), the stages it cost."""
         config = self.config
@@ -329,6 +335,10 @@ def check(config, check_paths: bool = True) -> None:
         raise config_lib.ConfigError("recipe", f"unknown baselines/variants {sorted(unknown)}",
                                      "baselines: dense, btm, upcycle; variants: top1, no_load_balance, random_router, "
                                      "bias_balance, sequence_balance")
+    left = config.moe.num_experts - len(masked_indices(config.moe.masked_experts))
+    if r.opt_out and left - 1 < config.moe.top_k:
+        raise config_lib.ConfigError("recipe.opt_out", f"masking one more of the {left} experts left would leave "
+                                     f"fewer than top_k={config.moe.top_k}", "set recipe.opt_out=False")
     if r.seeds < 1:
         raise config_lib.ConfigError("recipe.seeds", f"must be >= 1, got {r.seeds}", "use 1 (bootstrap only) or 3+")
     if r.bootstrap < 100:

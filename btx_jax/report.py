@@ -65,6 +65,33 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n" + note
 
 
+def opt_out_markdown(results: dict) -> str:
+    """The "Opting out one expert" table (FlexOlmo's opt-out): BTX with one expert masked, per domain, as
+    perplexity (change against the full BTX [its paired 95% interval]); "" without ``results["opt_out"]``."""
+    opt_out = results.get("opt_out")
+    if not opt_out:
+        return ""
+    domains = results["domains"]
+    full = next(r for r in results["models"] if r["model"] == "BTX")
+    lines = ["## Opting out one expert", "", "| removed expert | " + " | ".join(domains) + " |",
+             "|" + "---|" * (len(domains) + 1),
+             "| none (BTX) | " + " | ".join(f"{full['ppl'][d]:.3f}" for d in domains) + " |"]
+    for label, cells in opt_out.items():
+        texts = []
+        for d in domains:
+            c = cells[d]
+            low, high = c["interval"]
+            text = f"{c['ppl']:.3f} ({c['delta']:+.3f} [{low:+.3f}, {high:+.3f}])"
+            texts.append(f"**{text}**" if low > 0 or high < 0 else text)
+        lines.append(f"| {label} | " + " | ".join(texts) + " |")
+    note = ("\nBTX evaluated with one expert masked (moe.masked_experts: never routed to, the other experts' router "
+            "probabilities renormalised; the checkpoint is unchanged), on the same documents as the full BTX: "
+            "perplexity (its change against the full BTX [95% paired-bootstrap interval of the change]). Rows are "
+            "named by what the expert was trained on (the seed: the seed's own FFN). Bold: the interval excludes 0. "
+            "A positive change is what that expert was worth on the domain.\n")
+    return "\n" + "\n".join(lines) + "\n" + note
+
+
 def _png(fig, path) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90)
@@ -159,7 +186,7 @@ def write(report_dir, results: dict, workdir, out=print) -> None:
     writer.writerow(header)
     writer.writerows([[c.strip("*") for c in row] for row in rows])
     (report_dir / "results.csv").write_bytes(csv_text.getvalue().encode())
-    table = markdown(results)
+    table = markdown(results) + opt_out_markdown(results)
     (report_dir / "results.md").write_text("# BTX results\n\n" + table)
     images = plots(report_dir, results, workdir)
     from tensorboardX import SummaryWriter

@@ -50,22 +50,38 @@ def summarise(config, recipes, trials: list[dict], eval_sets: dict) -> dict:
         rows.append(row)
     best = {column: intervals.best(reps, column) for column in [*domains, "avg"]}
     routing = {d: np.mean([t["BTX"]["routing"][d]["expert_usage"] for t in trials], axis=0).tolist() for d in domains}
-    return {"domains": domains, "train_domains": train_domains, "models": rows, "best": best, "routing": routing,
-            "trials": len(trials), "bootstrap": config.recipe.bootstrap,
-            "tokens_scored": {d: evaluate.scored_tokens(b) for d, b in eval_sets.items()},
-            "documents": {d: int(len(scores["seed"][0][d].nll)) for d in domains},
-            "calibration_tokens": config.recipe.calibration_tokens,
-            "stages": recipes[0].records}
+    summary = {"domains": domains, "train_domains": train_domains, "models": rows, "best": best, "routing": routing,
+               "trials": len(trials), "bootstrap": config.recipe.bootstrap,
+               "tokens_scored": {d: evaluate.scored_tokens(b) for d, b in eval_sets.items()},
+               "documents": {d: int(len(scores["seed"][0][d].nll)) for d in domains},
+               "calibration_tokens": config.recipe.calibration_tokens,
+               "stages": recipes[0].records}
+    if "opt_out" in trials[0]["BTX"]:
+        summary["opt_out"] = opt_out(trials, domains, config.recipe.bootstrap)
+    return summary
+
+
+def opt_out(trials: list[dict], domains: list[str], num: int) -> dict[str, dict]:
+    """{removed expert: {domain: {"ppl", "delta", "interval"}}}: BTX with that expert masked against the
+    full BTX on the same documents and trials (delta and its paired 95% interval; > 0: the expert helped)."""
+    labels = list(trials[0]["BTX"]["opt_out"])
+    scores = {"BTX": [t["BTX"]["scores"] for t in trials]}
+    scores |= {f"BTX without {label}": [t["BTX"]["opt_out"][label] for t in trials] for label in labels}
+    deltas = intervals.paired_deltas(scores, "BTX", domains, num=num)
+    return {label: deltas[f"BTX without {label}"] for label in labels}
 
 
 def save_scores(path: epath.Path, scored: list[dict]) -> None:
-    """Every model's per-document NLL and token counts, per trial and domain (to recompute any interval)."""
+    """Every model's per-document NLL and token counts, per trial and domain (to recompute any interval);
+    BTX's opt-out scores as the models ``BTX without <expert>``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {}
     for i, trial in enumerate(scored):
         for name, row in trial.items():
-            for domain, s in row["scores"].items():
-                arrays[f"{name}|{i}|{domain}|nll"] = s.nll
-                arrays[f"{name}|{i}|{domain}|tokens"] = s.tokens
+            masked = {f"{name} without {label}": s for label, s in row.get("opt_out", {}).items()}
+            for model, model_scores in {name: row["scores"], **masked}.items():
+                for domain, s in model_scores.items():
+                    arrays[f"{model}|{i}|{domain}|nll"] = s.nll
+                    arrays[f"{model}|{i}|{domain}|tokens"] = s.tokens
     with path.open("wb") as f:
         np.savez_compressed(f, **arrays)

@@ -7,10 +7,16 @@ surgeon can address any leaf by its path. With ``moe.balance="bias"`` it also ho
 after each step rather than by the optimizer, so it is outside ``params`` (no gradient, no
 Adam state, no weight decay, untouched by the surgeon and ``init_from``, which start it at 0)
 and is checkpointed and restored with the rest of the state.
+
+``train.trainable`` (a regex searched in param paths such as ``layers/moe/router/kernel``) trains a
+part of the model: the optimizer is then an ``optax.multi_transform`` whose frozen partition is
+``set_to_zero`` (no update, no Adam moments, no weight decay), and gradient clipping and the
+``grad_norm`` metric see the trained params only. "" keeps the plain optimizer (and its state layout).
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from btx_jax import checkpoint, sharding
+from btx_jax.config import ConfigError
 from btx_jax.models.transformer import Transformer, TransformerConfig
 
 
@@ -41,11 +48,37 @@ def _decay_mask(params):
     return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key != "scale", params)
 
 
-def optimizer(optim_config, steps: int) -> optax.GradientTransformation:
-    return optax.chain(
+def param_path(path) -> str:
+    """A params-tree key path as the string ``train.trainable`` is matched against: ``layers/moe/router/kernel``."""
+    return "/".join(str(getattr(key, "key", key)) for key in path)
+
+
+def trainable_mask(params, pattern: str) -> dict | None:
+    """A tree like `params` of bools, True where ``re.search(pattern, path)`` (a trained param); None for "".
+    A pattern that matches no param is a ConfigError that lists the paths (stacked layers keep them few):
+    it would train nothing."""
+    if not pattern:
+        return None
+    regex = re.compile(pattern)
+    mask = jax.tree_util.tree_map_with_path(lambda path, _: bool(regex.search(param_path(path))), params)
+    if not any(jax.tree.leaves(mask)):
+        paths = [param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+        raise ConfigError("train.trainable", f"{pattern!r} matches no parameter of this model",
+                          f"match some of its param paths: {', '.join(paths[:24])}{', ...' if len(paths) > 24 else ''}")
+    return mask
+
+
+def optimizer(optim_config, steps: int, trainable: dict | None = None) -> optax.GradientTransformation:
+    """Clipped AdamW; with a `trainable` mask (see :func:`trainable_mask`) only on the True leaves, the
+    others frozen by ``set_to_zero`` (so they hold no optimizer state and the clipping norm skips them)."""
+    tx = optax.chain(
         optax.clip_by_global_norm(optim_config.grad_clip),
         optax.adamw(schedule(optim_config, steps), b1=optim_config.b1, b2=optim_config.b2,
                     eps=optim_config.eps, weight_decay=optim_config.weight_decay, mask=_decay_mask))
+    if trainable is None:
+        return tx
+    labels = jax.tree.map(lambda t: "trained" if t else "frozen", trainable)
+    return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
 
 
 @dataclasses.dataclass
@@ -58,6 +91,7 @@ class TrainSetup:
     abstract_params: dict  # ShapeDtypeStruct leaves carrying their NamedSharding
     state_shardings: dict
     router_bias_shape: tuple[int, int] | None = None  # (L_moe, E) with moe.balance="bias", else None
+    trainable: dict | None = None  # params-like tree of bools with train.trainable (True: trained), else None
 
     def abstract_state(self) -> dict:
         """ShapeDtypeStructs with shardings: targets for restoring onto this mesh."""
@@ -83,15 +117,17 @@ def make_setup(config, mesh: Mesh) -> TrainSetup:
         param_shardings = nnx.to_pure_dict(nnx.get_named_sharding(abs_state, mesh))
     abstract_params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                    nnx.to_pure_dict(abs_state), param_shardings)
-    tx = optimizer(config.optim, config.train.steps)
-    opt_shardings = optax.tree_map_params(
-        tx, lambda _, s: s, jax.eval_shape(tx.init, abstract_params), param_shardings,
-        transform_non_params=lambda _: NamedSharding(mesh, P()))
+    trainable = trainable_mask(abstract_params, config.train.get("trainable", ""))
+    tx = optimizer(config.optim, config.train.steps, trainable)
+    opt_shardings = optax.tree_map_params(  # a frozen param's place in the state is an empty MaskedNode: kept
+        tx, lambda v, s: v if isinstance(v, optax.MaskedNode) else s, jax.eval_shape(tx.init, abstract_params),
+        param_shardings, transform_non_params=lambda _: NamedSharding(mesh, P()),
+        is_leaf=lambda v: isinstance(v, optax.MaskedNode))
     state_shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": NamedSharding(mesh, P())}
     bias_shape = router_bias_shape(config)
     if bias_shape is not None:
         state_shardings["router_bias"] = NamedSharding(mesh, P())
-    return TrainSetup(graphdef, tx, mesh, abstract_params, state_shardings, bias_shape)
+    return TrainSetup(graphdef, tx, mesh, abstract_params, state_shardings, bias_shape, trainable)
 
 
 def router_bias_shape(config) -> tuple[int, int] | None:

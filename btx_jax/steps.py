@@ -14,6 +14,7 @@ from flax import nnx
 
 from btx_jax import sharding
 from btx_jax.models import router
+from btx_jax.models.moe import masked_indices
 from btx_jax.state import TrainSetup
 
 
@@ -138,15 +139,24 @@ def make_train_step(setup: TrainSetup, batch_shardings: dict, config):
         grads, metrics = accumulate(grad_fn, state["params"], batch, rng, count, setup.state_shardings["params"], bias)
         updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics["grad_norm"] = optax.tree.norm(grads)
+        metrics["grad_norm"] = grad_norm(grads, setup.trainable)
         new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
         if bias is not None:  # after the step that used it: the next step routes with the new bias
-            new_state["router_bias"] = router.update_bias(bias, metrics["moe/expert_load"], config.moe.bias_rate)
+            new_state["router_bias"] = router.update_bias(bias, metrics["moe/expert_load"], config.moe.bias_rate,
+                                                          masked_indices(config.moe.get("masked_experts", "")))
         return new_state, balance_metrics(metrics, bias)
 
     jitted = jax.jit(train_step, in_shardings=(setup.state_shardings, batch_shardings),
                      out_shardings=(setup.state_shardings, None), donate_argnums=0)
     return _under_mesh(jitted, setup.mesh)
+
+
+def grad_norm(grads, trainable=None) -> jax.Array:
+    """The global gradient norm over the trained params (`trainable`: train.trainable's mask; None: all):
+    the frozen ones' gradients are never applied, so they would only hide the norm that is clipped."""
+    if trainable is None:
+        return optax.tree.norm(grads)
+    return optax.tree.norm([g for g, t in zip(jax.tree.leaves(grads), jax.tree.leaves(trainable)) if t])
 
 
 def balance_metrics(metrics: dict, bias=None) -> dict:

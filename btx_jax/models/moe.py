@@ -8,6 +8,11 @@ layer stack in front, [L, E, D, F]. Expert e is a dense SwiGLU FFN of width F.
 The selection bias of ``balance="bias"`` is not a parameter: it is trained by a rule, not by the
 optimizer, so it lives in the train state (``state["router_bias"]`` [L, E]) and comes in as a call
 argument; params, the surgeon's checkpoints and ``init_from`` never see it.
+
+``masked_experts`` (comma-separated indices) opts experts out without touching the checkpoint: the
+router never chooses them (see :func:`btx_jax.models.router.route`), capacity is planned for the
+experts left, and the balancing losses are scaled to them, so the layer equals the same MoE with
+those experts' weights and router columns removed.
 """
 from __future__ import annotations
 
@@ -40,6 +45,12 @@ class MoEConfig:
     bias_rate: float = 0.003
     grouped_impl: str = "auto"
     grouped_block: int = 128
+    masked_experts: str = ""
+
+    @property
+    def masked(self) -> tuple[int, ...]:
+        """The opted-out experts' indices, sorted (``masked_experts`` "0,3" -> (0, 3); "" -> ())."""
+        return masked_indices(self.masked_experts)
 
     @classmethod
     def from_config(cls, moe_config) -> "MoEConfig | None":
@@ -47,6 +58,11 @@ class MoEConfig:
         if moe_config is None or moe_config.num_experts == 0:
             return None
         return cls(**dict(moe_config))
+
+
+def masked_indices(spec: str) -> tuple[int, ...]:
+    """"2, 0" -> (0, 2): the expert indices of a ``moe.masked_experts`` value (validated in btx_jax.config)."""
+    return tuple(sorted({int(item) for item in str(spec).split(",") if item.strip()}))
 
 
 class Weight(nnx.Module):
@@ -90,12 +106,14 @@ class MoE(nnx.Module):
         mask = (segment_ids != 0).reshape(b * t // s, s)
         jitter_rng, dropout_rng = jax.random.split(rng) if rng is not None else (None, None)
         routing = router.route(groups, self.router.kernel[...], mask, top_k=cfg.top_k, renormalize=cfg.renormalize,
-                               jitter=cfg.router_jitter if train else 0.0, rng=jitter_rng, bias=router_bias)
+                               jitter=cfg.router_jitter if train else 0.0, rng=jitter_rng, bias=router_bias,
+                               masked=cfg.masked)
+        active = cfg.num_experts - len(cfg.masked)  # the experts a token can go to
         kwargs = dict(dtype=self.dtype)
         if cfg.dispatcher == "dropless":
             kept = jnp.broadcast_to(mask[..., None], routing.experts.shape)
         else:
-            capacity = router.capacity(s, cfg.num_experts, cfg.top_k,
+            capacity = router.capacity(s, active, cfg.top_k,
                                        cfg.train_capacity_factor if train else cfg.eval_capacity_factor)
             position = router.slot_positions(routing, cfg.num_experts, cfg.priority)
             kept = position < capacity
@@ -108,6 +126,10 @@ class MoE(nnx.Module):
         aux = router.router_losses(routing, cfg.num_experts) | router.router_metrics(routing, kept, cfg.num_experts)
         if cfg.balance == "sequence":
             aux["sequence_balance_loss"] = router.sequence_balance_loss(routing, cfg.num_experts, b)
+        if active < cfg.num_experts:  # E * sum f p over E - m experts: rescaled so uniform over them reads 1
+            for name in ("load_balance_loss", "sequence_balance_loss"):
+                if name in aux:
+                    aux[name] = aux[name] * (active / cfg.num_experts)
         if probe:
             m = mask.astype(jnp.float32)
             aux |= {"router_input_sum": jnp.einsum("gsd,gs->d", groups.astype(jnp.float32), m),

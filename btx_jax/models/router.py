@@ -9,6 +9,10 @@ DeepSeek-V3's sequence-wise loss); ``bias``, DeepSeek-V3's auxiliary-loss-free b
 per-expert bias added to the scores for the top-k *selection* only (:func:`route`), moved after
 every step against the load it caused (:func:`update_bias`), with no gradient anywhere.
 
+Masked experts (``moe.masked_experts``, FlexOlmo's opt-out): their logits are -inf before the
+softmax, so they get probability 0, the other experts' probabilities renormalise among themselves,
+and they are never chosen, with or without a bias: the layer computes what an MoE without them would.
+
 Axis letters: G routing groups, S tokens per group, D model, E experts, K = top_k, C capacity.
 """
 from __future__ import annotations
@@ -18,6 +22,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +40,8 @@ jax.tree_util.register_dataclass(Routing, data_fields=["experts", "weights", "ma
 
 
 def route(x: jax.Array, kernel: jax.Array, mask: jax.Array, *, top_k: int, renormalize: bool,
-          jitter: float = 0.0, rng: jax.Array | None = None, bias: jax.Array | None = None) -> Routing:
+          jitter: float = 0.0, rng: jax.Array | None = None, bias: jax.Array | None = None,
+          masked: tuple[int, ...] = ()) -> Routing:
     """x [G, S, D] -> top-k experts. The router is computed in float32 whatever the compute dtype.
 
     Gates: for top_k == 1 the gate is the router probability p itself, whatever `renormalize`
@@ -47,16 +53,28 @@ def route(x: jax.Array, kernel: jax.Array, mask: jax.Array, *, top_k: int, renor
     `bias` [E] (balance="bias") is added to the probabilities to *choose* the top-k only; the gates
     are still the unbiased probabilities of the chosen experts (renormalized as above), so the bias
     steers where tokens go without changing what an expert's output is worth (DeepSeek-V3).
+
+    `masked`: experts that must never be chosen (opted out). Their logits are -inf, so the softmax
+    renormalises over the others, and the choice excludes them even where a probability underflows
+    to 0 or a bias would favour them; at least top_k experts must be left.
     """
     x32 = x.astype(jnp.float32)
     if jitter > 0.0:
         x32 = x32 * jax.random.uniform(rng, x32.shape, jnp.float32, 1.0 - jitter, 1.0 + jitter)
     logits = jnp.einsum("gsd,de->gse", x32, kernel.astype(jnp.float32))
+    keep = None
+    if masked:
+        keep = np.ones(logits.shape[-1], bool)
+        keep[list(masked)] = False
+        logits = jnp.where(keep, logits, -jnp.inf)
     probs = jax.nn.softmax(logits, axis=-1)
-    if bias is None:
+    if bias is None and keep is None:
         weights, experts = jax.lax.top_k(probs, top_k)
     else:
-        _, experts = jax.lax.top_k(probs + bias.astype(jnp.float32), top_k)
+        scores = probs if bias is None else probs + bias.astype(jnp.float32)
+        if keep is not None:
+            scores = jnp.where(keep, scores, -jnp.inf)
+        _, experts = jax.lax.top_k(scores, top_k)
         weights = jnp.take_along_axis(probs, experts, axis=-1)
     if renormalize and top_k > 1:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
@@ -130,15 +148,22 @@ def sequence_balance_loss(routing: Routing, num_experts: int, sequences: int) ->
     return jnp.sum(num_experts * jnp.sum(f * p, axis=-1) * present) / jnp.maximum(present.sum(), 1.0)
 
 
-def update_bias(bias: jax.Array, load: jax.Array, rate: float) -> jax.Array:
+def update_bias(bias: jax.Array, load: jax.Array, rate: float, masked: tuple[int, ...] = ()) -> jax.Array:
     """b_e += rate * sign(mean load - load_e), per layer: bias and load [L, E], load the fraction of the
     step's routing choices (before drops) that went to each expert.
 
     A sign step, as in DeepSeek-V3: the size of the imbalance does not matter, so the bias moves
     at a known speed and settles into an oscillation of +-rate around the balancing value.
+    `masked` experts (never chosen, load 0) are left out of the mean and keep their bias: counted,
+    they would pull the mean below the fair share 1 / (E - masked) of the others.
     """
-    mean = jnp.mean(load, axis=-1, keepdims=True)
-    return bias + rate * jnp.sign(mean - load).astype(bias.dtype)
+    if not masked:
+        mean = jnp.mean(load, axis=-1, keepdims=True)
+        return bias + rate * jnp.sign(mean - load).astype(bias.dtype)
+    keep = np.ones(load.shape[-1], bool)
+    keep[list(masked)] = False
+    mean = jnp.sum(jnp.where(keep, load, 0.0), axis=-1, keepdims=True) / keep.sum()
+    return bias + rate * jnp.where(keep, jnp.sign(mean - load), 0.0).astype(bias.dtype)
 
 
 def router_metrics(routing: Routing, kept: jax.Array, num_experts: int) -> dict[str, jax.Array]:
