@@ -79,7 +79,16 @@ def initial_state(config, setup: TrainSetup, manager, data_iterator) -> tuple[di
         checkpoint.check_compatible(checkpoint.step_dir(str(manager.directory)), setup.abstract_params)
         _check_router_bias(checkpoint.step_dir(str(manager.directory)), setup)
         print(f"[train] resuming from step {latest} in {manager.directory}", flush=True)
-        return checkpoint.restore(manager, latest, setup.abstract_state(), data_iterator), latest
+        try:
+            return checkpoint.restore(manager, latest, setup.abstract_state(), data_iterator), latest
+        except ValueError as e:
+            if "opt_state" not in str(e):
+                raise
+            raise checkpoint.CheckpointError(
+                f"the optimizer state saved at step {latest} in {manager.directory} does not fit this config: the "
+                "optimizer changed since (train.trainable, or optim.* fields that shape the state)\n  fix: resume "
+                "with the config the run was started with, or start a new workdir with --config.train.init_from "
+                "pointing to this checkpoint (params only, fresh optimizer)") from e
     if config.train.init_from:
         print(f"[train] initialising params from {checkpoint.step_dir(config.train.init_from)} "
               "(fresh optimizer, step 0)", flush=True)

@@ -301,6 +301,9 @@ def test_a_partly_trained_run_checkpoints_and_resumes(demo_data_dir, tmp_path):
     last = paths_of(jax.device_get(checkpoint.load_params(str(tmp_path / "checkpoints" / "6"), setup.abstract_params)))
     for path in first:
         assert np.array_equal(first[path], last[path]) != (path == "layers/moe/router/kernel"), path
+    config.train.update(steps=8, trainable="")  # the optimizer changed under the checkpoint: a clear refusal
+    with pytest.raises(checkpoint.CheckpointError, match=r"(?s)optimizer state saved at step 6.*init_from"):
+        train.run(config, str(tmp_path))
 
 
 # ------------------------------------------------------------------------------ 3. the opt-out table
