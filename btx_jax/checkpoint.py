@@ -8,8 +8,6 @@ like a finished checkpoint. Paths may be URLs (``gs://...``): they go through :m
 from __future__ import annotations
 
 import json
-import os
-import shutil
 
 import grain
 import jax
@@ -17,7 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from btx_jax import paths
+from btx_jax import distributed, paths
 
 
 class CheckpointError(ValueError):
@@ -107,11 +105,34 @@ def read_param(path: str, name: str, shape, dtype) -> np.ndarray:
     item = nested({}, f"params/{name}", jax.ShapeDtypeStruct(tuple(shape), dtype))
     restore_args = nested({}, f"params/{name}", ocp.RestoreArgs(restore_type=np.ndarray))
     restored = ocp.PyTreeCheckpointer().restore(
-        os.path.join(step_dir(path), "state"),
+        epath.Path(step_dir(path)) / "state",
         args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
     for k in ["params", *name.split("/")]:
         restored = restored[k]
     return np.asarray(restored)
+
+
+_TS_CONTEXT = {}
+
+
+def open_param(path: str, name: str, dtype: str | None = None, write: bool = False):
+    """One param of a checkpoint as an open tensorstore array, read as `dtype` (default: as stored):
+    index it and ``.read()`` to get one slice; only the chunks the slice covers are read. With
+    `write`, slices can also be overwritten in place.
+
+    The spec is the one Orbax restores with (OCDBT or not, zarr v2 or v3, as the checkpoint says)."""
+    import tensorstore as ts
+
+    state = epath.Path(step_dir(path)) / "state"
+    use_zarr3 = bool(json.loads((state / "_METADATA").read_text()).get("use_zarr3", False))
+    use_ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(state)
+    context = _TS_CONTEXT.setdefault(use_ocdbt, ocp.type_handlers.get_ts_context(use_ocdbt=use_ocdbt))
+    info = ocp.type_handlers.ParamInfo(name="params." + name.replace("/", "."), parent_dir=state, ts_context=context,
+                                       is_ocdbt_checkpoint=use_ocdbt, use_zarr3=use_zarr3)
+    spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=use_ocdbt)
+    if dtype is not None:
+        spec = {"driver": "cast", "base": spec, "dtype": str(np.dtype(dtype))}
+    return ts.open(spec, open=True, read=True, write=write, context=context).result()
 
 
 def nested(tree: dict, path: str, value) -> dict:
@@ -146,29 +167,34 @@ def saved_model_config(path: str) -> dict:
 
 class ParamWriter:
     """Writes a params-only checkpoint (``<output>/state``, loadable by :func:`load_params`) one leaf
-    at a time with Orbax's partial save, so memory is one leaf, not the model.
+    at a time with Orbax's partial save (:meth:`write`), so memory is one leaf, not the model; or in
+    one Orbax save whose leaves may be written slice by slice by a custom type handler (:meth:`write_all`).
 
     The checkpoint is built under ``.<name>.incomplete`` next to `output` and renamed into place by
     :meth:`finish`, with its ``manifest.json``: an interrupted write never leaves a directory that
-    looks finished, and the next run removes the leftover. Use as a context manager.
+    looks finished, and the next run removes the leftover. `output` may be a URL (``gs://...``).
+    In a multi-process job every process enters, writes and finishes; process 0 alone creates,
+    renames and removes directories. Use as a context manager.
     """
 
-    def __init__(self, output: str, tag: str = "[checkpoint]", out=print):
-        self.output, self.tag, self.out = os.path.abspath(os.path.expanduser(output)), tag, out
-        parent, name = os.path.split(self.output)
-        self.scratch = os.path.join(parent, f".{name}.incomplete")
-        self.tmp = os.path.join(self.scratch, "checkpoint")  # orbax's partial-save session lives next to it
+    def __init__(self, output, tag: str = "[checkpoint]", out=print):
+        self.output, self.tag, self.out = paths.resolve(output), tag, out
+        self.scratch = self.output.parent / f".{self.output.name}.incomplete"
+        self.tmp = self.scratch / "checkpoint"  # orbax's partial-save session lives next to it
+        self._whole = False
 
     def __enter__(self) -> "ParamWriter":
         from orbax.checkpoint import v1 as ocp_v1
 
-        if os.path.exists(self.output):
+        if self.output.exists():
             raise CheckpointError(f"output {self.output} already exists\n  fix: remove it or choose another output")
-        os.makedirs(os.path.dirname(self.output), exist_ok=True)
-        if os.path.exists(self.scratch):
-            self.out(f"{self.tag} removing {self.scratch} left by an interrupted run")
-            shutil.rmtree(self.scratch)
-        os.makedirs(self.scratch)
+        if distributed.is_main():
+            self.output.parent.mkdir(parents=True, exist_ok=True)
+            if self.scratch.exists():
+                self.out(f"{self.tag} removing {self.scratch} left by an interrupted run")
+                self.scratch.rmtree()
+            self.scratch.mkdir()
+        distributed.barrier("ParamWriter:enter")
         # Uncompressed: weights barely compress, and zstd would cost time and a transient copy per leaf.
         self._context = ocp_v1.Context()
         self._context.array.saving.use_compression = False
@@ -181,14 +207,28 @@ class ParamWriter:
 
         partial_save.save(self.tmp, nested({}, f"params/{name}", value))
 
+    def write_all(self, params: dict, type_handler_registry=None) -> None:
+        """Saves the whole params tree in one Orbax save (instead of :meth:`write`). Leaves of types
+        that `type_handler_registry` handles are written by it (e.g. slice by slice); the result
+        restores with Orbax's standard handlers. Every process of a job calls it with the same tree."""
+        if distributed.is_main():
+            self.tmp.mkdir()
+        registry = {} if type_handler_registry is None else {"type_handler_registry": type_handler_registry}
+        handler = ocp.PyTreeCheckpointHandler(use_zarr3=True, use_compression=False, **registry)
+        ocp.Checkpointer(handler).save(self.tmp / "state", args=ocp.args.PyTreeSave({"params": params}))
+        self._whole = True
+
     def finish(self, manifest: dict) -> None:
         from orbax.checkpoint.experimental.v1 import partial as partial_save
 
-        partial_save.finalize(self.tmp)
-        with open(os.path.join(self.tmp, "manifest.json"), "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=1)
-        os.rename(self.tmp, self.output)
+        if not self._whole:
+            partial_save.finalize(self.tmp)
+        if distributed.is_main():
+            (self.tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+            self.tmp.rename(self.output)
+        distributed.barrier("ParamWriter:finish")
 
     def __exit__(self, *exc) -> None:
         self._context.__exit__(*exc)
-        shutil.rmtree(self.scratch, ignore_errors=True)
+        if distributed.is_main():
+            self.scratch.rmtree(missing_ok=True)

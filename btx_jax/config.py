@@ -114,6 +114,7 @@ def base_config() -> ConfigDict:
         centroid_batches=2,    # centroid: batches per domain (train split)
         output="",             # the output directory; must not exist
         noise_seed=0,
+        memory_budget=0.0,     # GB of host memory for tiles in flight (0: 2x the largest source leaf or the largest tile)
     ))
     c.recipe = ConfigDict(dict(  # the whole BTX pipeline (python -m btx_jax.recipe)
         seed_steps=200,        # dense seed on the domain mixture

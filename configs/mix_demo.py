@@ -6,7 +6,9 @@
 
 The target model is configs/demo_moe.py (its model and moe sections must match the sources);
 attention, norms and embeddings are averaged over the three experts, the router starts from
-the experts' domain centroids. Paths follow the recipe's layout under runs/btx/.
+the experts' domain centroids. Paths follow the recipe's layout under runs/btx/; they may be URLs
+(gs://...). Several processes can write the output together: add --coordinator_address=HOST:PORT
+--num_processes=N --process_id=I on each.
 """
 import os
 
@@ -24,5 +26,6 @@ def get_config(variant: str | None = None):
         policy="",               # everything but the FFNs: the mean of the three experts
         router_init="centroid",
         output="runs/btx/mix",
+        memory_budget=0.0,       # GB of tiles in flight; 0: 2x the largest source leaf, or the largest tile
     )
     return c
