@@ -16,10 +16,11 @@ import pytest
 from etils import epath
 
 from btx_jax import checkpoint, paths, train
-from btx_jax.config import ConfigError, load_config, validate
+from btx_jax.config import ConfigError, validate
 from btx_jax.metrics import read_metrics
 from btx_jax.state import make_setup
 from helpers import mesh_of
+from test_train import tiny
 
 if importlib.util.find_spec("gcp_storage_emulator") is None or importlib.util.find_spec("gcsfs") is None:
     pytest.skip("needs gcp-storage-emulator and gcsfs (pip install -e '.[dev]')", allow_module_level=True)
@@ -113,12 +114,6 @@ def test_sharded_state_round_trip_through_orbax(bucket):
     assert next(fresh) == 1  # the data iterator's position came back too
 
 
-def tiny(data_dir, **train_overrides):
-    config = load_config(os.path.join(REPO, "configs/demo_dense.py:tiny"))
-    config.data.data_dir = data_dir
-    config.train.update(peak_flops=1e11, **train_overrides)
-    config.optim.warmup_steps = min(config.optim.warmup_steps, config.train.steps - 1)
-    return config
 
 
 def losses(workdir) -> dict[int, float]:
