@@ -16,6 +16,7 @@ from ml_collections import ConfigDict
 # Sections whose keys are chosen by the user (domain names), not by the schema.
 _FREE_FORM = ("data.domains", "data.weights", "data.eval_domains")
 ROUTER_INITS = ("normal", "zeros", "centroid")
+UPCYCLES = ("copy", "noise", "drop")
 
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots")
@@ -104,6 +105,11 @@ def base_config() -> ConfigDict:
         seed_expert=False,     # the seed's FFN becomes one more (the last) expert, as in the BTX paper
         copies=False,          # fill moe.num_experts by cycling through the FFN sources (sparse upcycling)
         copy_noise=0.0,        # std of noise added to every copy after the first, relative to the leaf's std
+        # How copies of an FFN (sparse upcycling) start: copy (exact; copy_noise still applies when > 0, as
+        # before), noise (copy_noise > 0 required), drop (Drop-Upcycling: in every copy, a random drop_ratio of
+        # the intermediate dims, per layer and expert, re-drawn from normal(mean, std) of the original matrix)
+        upcycle="copy",
+        drop_ratio=0.5,
         # Non-FFN params: ';'-separated 'regex=rule' on target paths (first match wins; unmatched: mean),
         # or a tuple of (regex, rule) pairs. Rules: mean | weighted:w1,w2,... | seed | source:<i>
         policy="",
@@ -126,7 +132,8 @@ def base_config() -> ConfigDict:
         branch_lr=1e-3, branch_warmup=10,
         finetune_lr=1e-3, finetune_warmup=10,
         # comma-separated; all run by default. Baselines: dense (the seed trained on for BTX's compute),
-        # btm (ensemble and averages of the branches), upcycle (MoE of seed copies, BTX's compute).
+        # btm (ensemble and averages of the branches), upcycle (MoE of seed copies, BTX's compute),
+        # drop_upcycle (Drop-Upcycling: seed copies with mix.drop_ratio of each re-initialized, BTX's compute).
         baselines="dense,btm,upcycle",
         # BTX variants, each a finetune: top1, no_load_balance, random_router (normal init instead of centroid),
         # bias_balance / sequence_balance (moe.balance=bias / sequence)
@@ -370,7 +377,23 @@ def validate(config: ConfigDict, check_paths: bool = True) -> ConfigDict:
     _check_data(config.data, check_paths)
     _check_moe(config.moe, config.model, config.data.seq_len)
     _check_optim_train(config, check_paths)
+    _check_mix(config.mix)
     return config
+
+
+def _check_mix(x: ConfigDict) -> None:
+    upcycle = x.get("upcycle", "copy")
+    if upcycle not in UPCYCLES:
+        raise ConfigError("mix.upcycle", f"unknown upcycling {upcycle!r}", f"use one of {UPCYCLES}")
+    if upcycle == "noise" and not x.copy_noise > 0:
+        raise ConfigError("mix.copy_noise", f"must be > 0 with mix.upcycle=noise, got {x.copy_noise}",
+                          "set e.g. --config.mix.copy_noise=0.01, or use mix.upcycle=copy")
+    if upcycle == "drop" and x.copy_noise:
+        raise ConfigError("mix.copy_noise", f"must be 0 with mix.upcycle=drop, got {x.copy_noise}",
+                          "set --config.mix.copy_noise=0 (drop re-initializes part of each copy instead)")
+    if not 0.0 <= x.get("drop_ratio", 0.5) <= 1.0:
+        raise ConfigError("mix.drop_ratio", f"must be in [0, 1], got {x.drop_ratio}",
+                          "use e.g. 0.5 (Drop-Upcycling's default)")
 
 
 def domain_weights(data: ConfigDict) -> dict[str, float]:

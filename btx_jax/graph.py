@@ -107,6 +107,13 @@ def trial_stages(config, path: Callable[[str], epath.Path], domains: list[str]) 
         steps = matched_steps(moe_config(config, 1, ""), after_seed)
         stages.append(Stage("baseline/upcycle", "train", ["baseline/upcycle_mix"], moe_config(
             config, steps, str(path("baseline/upcycle_mix") / "checkpoint"))))
+    if "drop_upcycle" in baselines:  # Drop-Upcycling (Nakamura et al., 2025): copies, part re-initialized
+        stages.append(Stage("baseline/drop_upcycle_mix", "mix", ["seed"], _mix_config(
+            config, path, "baseline/drop_upcycle_mix", experts="", seed=seed, seed_expert=False, copies=True,
+            copy_noise=0.0, upcycle="drop", router_init="normal")))
+        steps = matched_steps(moe_config(config, 1, ""), after_seed)
+        stages.append(Stage("baseline/drop_upcycle", "train", ["baseline/drop_upcycle_mix"], moe_config(
+            config, steps, str(path("baseline/drop_upcycle_mix") / "checkpoint"))))
     variants = items(r.variants)
     if "top1" in variants:
         stages.append(Stage("variant/top1", "train", ["mix"], moe_config(config, r.finetune_steps, mixed, top_k=1)))

@@ -11,7 +11,8 @@ training stage resumes from its checkpoint):
 3. ``mix``: the checkpoint surgeon (experts + the seed's FFN, centroid router);
 4. ``finetune``: the MoE on the mixture, with the load-balancing loss;
 5. baselines at BTX's compute: ``baseline/dense`` (the seed trained on), ``baseline/upcycle``
-   (an MoE of seed copies); BTM (ensemble and averages of the branches) is evaluated directly;
+   (an MoE of seed copies), ``baseline/drop_upcycle`` (Drop-Upcycling: copies, part re-initialized);
+   BTM (ensemble and averages of the branches) is evaluated directly;
    variants ``variant/<name>``: top1, no_load_balance, random_router, bias_balance, sequence_balance;
 6. evaluation (``btx_jax/compare.py``) and ``report/``: every model on the same held-out
    documents, with paired-bootstrap intervals over documents and ``recipe.seeds`` trials.
@@ -221,6 +222,9 @@ class Recipe:
         if "baseline/upcycle" in self.records:
             models.append({"name": "sparse upcycling", "stage": "baseline/upcycle", "config": moe(),
                            "compute": ["seed", "baseline/upcycle"]})
+        if "baseline/drop_upcycle" in self.records:
+            models.append({"name": "Drop-Upcycling", "stage": "baseline/drop_upcycle", "config": moe(),
+                           "compute": ["seed", "baseline/drop_upcycle"]})
         for variant, overrides in {"top1": dict(top_k=1), "no_load_balance": {}, "random_router": {},
                                    "bias_balance": dict(balance="bias"), "sequence_balance": {}}.items():
             if f"variant/{variant}" in self.records:
@@ -329,12 +333,12 @@ def check(config, check_paths: bool = True) -> None:
         raise config_lib.ConfigError("moe.num_experts", f"{config.moe.num_experts} experts but {len(config.data.domains)} "
                                      f"domains{' + the seed expert' if config.mix.seed_expert else ''}",
                                      f"set moe.num_experts={want}")
-    unknown = set(_items(r.baselines)) - {"dense", "btm", "upcycle"}
+    unknown = set(_items(r.baselines)) - {"dense", "btm", "upcycle", "drop_upcycle"}
     unknown |= set(_items(r.variants)) - {"top1", "no_load_balance", "random_router", "bias_balance", "sequence_balance"}
     if unknown:
         raise config_lib.ConfigError("recipe", f"unknown baselines/variants {sorted(unknown)}",
-                                     "baselines: dense, btm, upcycle; variants: top1, no_load_balance, random_router, "
-                                     "bias_balance, sequence_balance")
+                                     "baselines: dense, btm, upcycle, drop_upcycle; variants: top1, no_load_balance, "
+                                     "random_router, bias_balance, sequence_balance")
     left = config.moe.num_experts - len(masked_indices(config.moe.masked_experts))
     if r.opt_out and left - 1 < config.moe.top_k:
         raise config_lib.ConfigError("recipe.opt_out", f"masking one more of the {left} experts left would leave "

@@ -187,6 +187,10 @@ def make_plan(config, experts: list[Source], seed: Source | None, abstract_param
     """One LeafPlan per target leaf; checks that every source and the target config fit."""
     mix, every = config.mix, config.moe.moe_every
     ffn = expert_sources(mix, experts, seed, config.moe.num_experts)
+    if mix.get("upcycle", "copy") == "drop" and len(set(ffn)) == len(ffn):
+        raise MixError("config.mix.upcycle=drop re-initializes part of each copy of an FFN, but no expert is a copy "
+                       f"({', '.join(ffn)})\n  fix: upcycle from the seed alone (mix.experts empty), or set "
+                       "--config.mix.copies=true with num_experts a multiple of the FFN sources")
     policy = parse_policy(mix.policy)
     reference = (experts or [seed])[0]
     plans = []

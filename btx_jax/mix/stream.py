@@ -109,6 +109,88 @@ def with_noise(x: np.ndarray, scale: float, rng: np.random.Generator, dtype) -> 
     return from_float32(value, dtype)
 
 
+# ------------------------------------------------------------------------------- drop-upcycling
+# mix.upcycle=drop: in every copy of an FFN, round(drop_ratio * F) of the F intermediate dims, drawn
+# per (noise_seed, layer, expert), are re-initialized in gate/up (columns of [D, F]) and down (rows of
+# [F, D]) from normal(mean, std) of the original layer matrix; the rest is copied. The index set and
+# the values depend on (seed, layer, expert, element) only, never on the tiling or the processes.
+
+_DROP_TAG = 0xD809  # keeps drop's random streams apart from the router's and the copy noise's
+_FFN_KIND = {"gate": 0, "up": 1, "down": 2}
+
+
+def drop_indices(seed: int, layer: int, expert: int, width: int, ratio: float) -> np.ndarray:
+    """The sorted intermediate dims re-initialized in (layer, expert): the same for gate, up and down."""
+    rng = np.random.default_rng([seed, _DROP_TAG, layer, expert])
+    return np.sort(rng.choice(width, int(round(ratio * width)), replace=False))
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer, elementwise on uint64 (wrapping arithmetic)."""
+    x = x ^ (x >> np.uint64(30))
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(27)
+    x *= np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    return x
+
+
+def hashed_normal(key: int, index: np.ndarray) -> np.ndarray:
+    """float32 standard normals, one per uint64 `index`, from a counter-based hash (Box-Muller): any
+    subset of indices can be drawn alone and gets the same values."""
+    h = _mix64(index.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(key))
+    u1 = ((h >> np.uint64(32)).astype(np.float64) + 0.5) / 2.0 ** 32  # in (0, 1)
+    u2 = (h & np.uint64(0xFFFFFFFF)).astype(np.float64) / 2.0 ** 32
+    return (np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)).astype(np.float32)
+
+
+def drop_key(seed: int, target: str, layer: int, expert: int) -> int:
+    kind = _FFN_KIND[target.split("/")[-2]]
+    return int(np.random.SeedSequence([seed, _DROP_TAG, kind, layer, expert]).generate_state(1, np.uint64)[0])
+
+
+def is_down(target: str) -> bool:
+    return target.split("/")[-2] == "down"
+
+
+def with_drop(x: np.ndarray, plan: LeafPlan, box: tuple[slice, ...], every: int, expert: int, mix,
+              stats: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """One copy of the source box `x` ([layers, D, F] or, for down, [layers, F, D]) with its dropped
+    intermediate dims re-drawn; `stats` = (mean, std) per target layer of the original matrix."""
+    value = np.array(x, dtype=plan.dtype, copy=True)
+    down = is_down(plan.target)
+    f_box, d_box = (box[1], box[2]) if down else (box[2], box[1])
+    width, depth = (plan.shape[2], plan.shape[3]) if down else (plan.shape[3], plan.shape[2])
+    first = target_index(plan, box, every, expert)[0].start
+    d = np.arange(d_box.start, d_box.stop, dtype=np.uint64)
+    step = max(1, _BLOCK // max(d.size, 1))
+    for r in range(value.shape[0]):
+        layer = first + r
+        dims = drop_indices(mix.noise_seed, layer, expert, width, mix.drop_ratio)
+        dims = dims[(dims >= f_box.start) & (dims < f_box.stop)]
+        key, mean, std = drop_key(mix.noise_seed, plan.target, layer, expert), stats[0][layer], stats[1][layer]
+        row = value[r]  # a view: [D, F] or [F, D] (box-local)
+        for i in range(0, dims.size, step):
+            part = dims[i:i + step]
+            drawn = hashed_normal(key, part.astype(np.uint64)[:, None] * np.uint64(depth) + d[None, :])  # [n, D]
+            drawn *= np.float32(std)
+            drawn += np.float32(mean)
+            drawn = from_float32(drawn, plan.dtype)
+            if down:
+                row[part - f_box.start, :] = drawn
+            else:
+                row[:, part - f_box.start] = drawn.T
+    return value
+
+
+def row_moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Per first-axis row: (sum, sum of squares) in float64, and the elements per row."""
+    x32 = to_float32(x).reshape(x.shape[0], -1)
+    total = x32.sum(axis=1, dtype=np.float64)
+    np.square(x32, out=x32)
+    return total, x32.sum(axis=1, dtype=np.float64), x32.shape[1]
+
+
 # ------------------------------------------------------------------------------------- sources
 
 class Sources:
@@ -154,8 +236,14 @@ class Sources:
 
 # -------------------------------------------------------------------------------------- tiles
 
-async def make_tile(tile: Tile, sources: Sources, mix, every: int):
-    """Yields (target index, value) pairs of one tile, in order; the caller writes each before the next."""
+def drops(tile: Tile, mix) -> bool:
+    """Whether the tile's slots are Drop-Upcycling copies (mix.upcycle=drop, a source filling > 1 slot)."""
+    return tile.plan.kind == "stack" and mix.get("upcycle", "copy") == "drop" and len(tile.experts) > 1
+
+
+async def make_tile(tile: Tile, sources: Sources, mix, every: int, stats: dict | None = None):
+    """Yields (target index, value) pairs of one tile, in order; the caller writes each before the next.
+    `stats`: {(leaf, label): (mean, std) per target layer}, for Drop-Upcycling tiles."""
     plan = tile.plan
     if plan.kind == "router":
         yield (), router_init.initial_router(plan, mix, np.random.default_rng([mix.noise_seed, tile.leaf]))
@@ -164,7 +252,10 @@ async def make_tile(tile: Tile, sources: Sources, mix, every: int):
         x = await sources.read(tile.label, plan, tile.box, every)
         for n, expert in enumerate(tile.experts):
             index = target_index(plan, tile.box, every, expert)
-            if n and mix.copy_noise > 0:
+            if drops(tile, mix):
+                value = await asyncio.to_thread(with_drop, x, plan, tile.box, every, expert, mix,
+                                                stats[tile.leaf, tile.label])
+            elif n and mix.copy_noise > 0:
                 rng = np.random.default_rng([mix.noise_seed, tile.leaf, expert, tile.index])
                 value = await asyncio.to_thread(with_noise, x, mix.copy_noise, rng, plan.dtype)
             else:
@@ -254,7 +345,8 @@ class Stream:
         self.progress = progress or (lambda n: None)
         self.trim = lambda: None  # set by the caller: see compact_heap
         self.rss_at_start = 0  # this process's resident memory when its first tile starts
-        noisy = mix.copy_noise > 0 and any(len(set(p.sources)) < len(p.sources) for p in plans if p.kind == "stack")
+        noisy = (mix.copy_noise > 0 or mix.get("upcycle", "copy") == "drop") and any(
+            len(set(p.sources)) < len(p.sources) for p in plans if p.kind == "stack")
         self.tiles, self.leaves = [], {}
         for leaf, plan in enumerate(plans):
             if plan.kind == "router":
@@ -270,6 +362,28 @@ class Stream:
             self.leaves[plan.target] = StreamedLeaf(plan.target, plan.shape, np.dtype(plan.dtype), tuple(shard))
         self.owners = assign(self.tiles, jax.process_count())
         self.mine = [t for t, owner in zip(self.tiles, self.owners) if owner == jax.process_index()]
+        self.stats = {}  # Drop-Upcycling: see drop_statistics
+
+    async def drop_statistics(self) -> None:
+        """(mean, std) per target layer of each copied FFN leaf, for the layers of this process's
+        Drop-Upcycling tiles: read a tile at a time before any tile is made (the whole layer's
+        matrix, whatever part of it a tile holds)."""
+        rows = {(t.leaf, t.label, t.box[0].start) for t in self.mine if drops(t, self.mix)}
+        sums = {}
+        for tile in self.tiles:
+            if not drops(tile, self.mix) or (tile.leaf, tile.label, tile.box[0].start) not in rows:
+                continue
+            x = await self.sources.read(tile.label, tile.plan, tile.box, self.every)
+            total, squares, count = await asyncio.to_thread(row_moments, x)
+            del x
+            layers = target_index(tile.plan, tile.box, self.every, 0)[0]
+            acc = sums.setdefault((tile.leaf, tile.label), np.zeros((3, tile.plan.shape[0])))
+            acc[0, layers] += total
+            acc[1, layers] += squares
+            acc[2, layers] += count
+        for key, (total, squares, count) in sums.items():
+            mean = total / np.maximum(count, 1)
+            self.stats[key] = (mean, np.sqrt(np.maximum(squares / np.maximum(count, 1) - mean * mean, 0.0)))
 
     def tree(self) -> dict:
         tree = {}
@@ -281,11 +395,12 @@ class Stream:
         """Makes and writes this process's tiles, as many at a time as the budget allows."""
         budget, running, trim = _Budget(self.budget), set(), self.trim
         trim()
+        await self.drop_statistics()
         self.rss_at_start = psutil.Process().memory_info().rss
 
         async def one(tile: Tile) -> None:
             try:
-                async for index, value in make_tile(tile, self.sources, self.mix, self.every):
+                async for index, value in make_tile(tile, self.sources, self.mix, self.every, self.stats):
                     await stores[tile.plan.target][index].write(value)
                     del value
                 self.progress(tile.nbytes)
