@@ -163,7 +163,7 @@ def with_drop(x: np.ndarray, plan: LeafPlan, box: tuple[slice, ...], every: int,
     width, depth = (plan.shape[2], plan.shape[3]) if down else (plan.shape[3], plan.shape[2])
     first = target_index(plan, box, every, expert)[0].start
     d = np.arange(d_box.start, d_box.stop, dtype=np.uint64)
-    step = max(1, _BLOCK // max(d.size, 1))
+    step = max(1, _BLOCK // 8 // max(d.size, 1))  # the draw's float64 temporaries: ~40 bytes per element
     for r in range(value.shape[0]):
         layer = first + r
         dims = drop_indices(mix.noise_seed, layer, expert, width, mix.drop_ratio)
