@@ -156,6 +156,12 @@ def base_config() -> ConfigDict:
         assumed_mfu=0.5,       # --plan's wall-clock estimate: model FLOP/s / the target's peak
         moe_mesh="",           # mesh of the MoE stages, e.g. "expert=4,fsdp=-1"; "": the mesh section (all stages)
     ))
+    # The expert lifecycle after BTX (btx_jax/mix/lifecycle.py, the extend/* stages): a domain of
+    # data.eval_domains, which no other stage trains on, gets its own expert: extend/branch (the seed trained
+    # on it like a branch, for extend_branch_steps; 0: recipe.branch_steps), extend/add (its FFN appended to the finetuned BTX as expert E, router column =
+    # the domain's centroid), extend/finetune (extend_steps on the training mixture plus the new domain,
+    # training only the params that extend_trainable matches, a train.trainable regex; "": all). "": off
+    c.recipe.update(extend_domain="", extend_branch_steps=0, extend_steps=50, extend_trainable="router")
     c.mesh = ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))  # -1: the remaining devices
     c.data = ConfigDict(dict(
         data_dir="data/tfds",  # where TFDS datasets are built / read (ArrayRecord)

@@ -17,13 +17,13 @@ from ml_collections import ConfigDict
 from btx_jax import sharding
 from btx_jax.flops import train_flops_per_token
 
-KINDS = ("train", "import", "mix", "report")
+KINDS = ("train", "import", "mix", "add", "report")
 
 
 @dataclasses.dataclass
 class Stage:
     """One node of the recipe: ``train`` (btx_jax.train), ``import`` (a pretrained seed), ``mix`` (the
-    surgeon) or ``report`` (evaluation of every model, then the report). It runs once its inputs are done."""
+    surgeon), ``add`` (an expert added to an MoE: btx_jax/mix/lifecycle.py) or ``report`` (evaluation of every model, then the report). It runs once its inputs are done."""
 
     name: str
     kind: str
@@ -129,7 +129,38 @@ def trial_stages(config, path: Callable[[str], epath.Path], domains: list[str]) 
             config, path, "variant/random_router_mix", **mix_common, router_init="normal")))
         stages.append(Stage("variant/random_router", "train", ["variant/random_router_mix"], moe_config(
             config, r.finetune_steps, str(path("variant/random_router_mix") / "checkpoint"))))
+    if r.get("extend_domain", ""):
+        stages += extend_stages(config, path, seed)
     return stages
+
+
+def extended_data(config, domain: str) -> ConfigDict:
+    """The config with `domain` moved from data.eval_domains to data.domains (with data.weights: the mean
+    weight of the others)."""
+    c = copy.deepcopy(config)
+    c.data.domains = ConfigDict({**c.data.domains.to_dict(), domain: c.data.eval_domains[domain]})
+    c.data.eval_domains = ConfigDict({k: v for k, v in c.data.eval_domains.items() if k != domain})
+    if len(c.data.weights):
+        weights = c.data.weights.to_dict()
+        c.data.weights = ConfigDict({**weights, domain: sum(weights.values()) / len(weights)})
+    return c
+
+
+def extend_stages(config, path: Callable[[str], epath.Path], seed: str) -> list[Stage]:
+    """recipe.extend_domain's expert: extend/branch (the seed trained on the new domain), extend/add (its
+    FFN appended to the finetuned BTX, E + 1 experts; mix.output and mix.domains say where and which domain)
+    and extend/finetune (recipe.extend_steps on the mixture plus the new domain, recipe.extend_trainable)."""
+    r = config.recipe
+    data = extended_data(config, r.extend_domain)
+    branch = dense_config(data, r.extend_branch_steps or r.branch_steps, lr=r.branch_lr, warmup=r.branch_warmup, init_from=seed,
+                          domain=r.extend_domain)
+    add = moe_config(data, 1, "")
+    add.mix.update(output=str(path("extend/add") / "checkpoints" / "0"), domains=r.extend_domain)
+    finetune = moe_config(data, r.extend_steps, str(path("extend/add")), num_experts=config.moe.num_experts + 1)
+    finetune.train.trainable = r.extend_trainable
+    return [Stage("extend/branch", "train", ["seed"], branch),
+            Stage("extend/add", "add", ["finetune", "extend/branch"], add),
+            Stage("extend/finetune", "train", ["extend/add"], finetune)]
 
 
 def groups(names_inputs: list[tuple[str, list[str]]]) -> dict[str, int]:

@@ -14,6 +14,8 @@ training stage resumes from its checkpoint):
    (an MoE of seed copies), ``baseline/drop_upcycle`` (Drop-Upcycling: copies, part re-initialized);
    BTM (ensemble and averages of the branches) is evaluated directly;
    variants ``variant/<name>``: top1, no_load_balance, random_router, bias_balance, sequence_balance;
+   with ``recipe.extend_domain``, the expert lifecycle: ``extend/branch`` (an expert of a new domain),
+   ``extend/add`` (added to the finetuned BTX, btx_jax/mix/lifecycle.py), ``extend/finetune``;
 6. evaluation (``btx_jax/compare.py``) and ``report/``: every model on the same held-out
    documents, with paired-bootstrap intervals over documents and ``recipe.seeds`` trials.
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -37,6 +40,7 @@ from ml_collections import ConfigDict, config_flags
 from btx_jax import compare as compare_lib, compilation_cache, config as config_lib, distributed, evaluate, graph, mix
 from btx_jax import paths, plan, pretrained_seed, report, sweep, train
 from btx_jax.graph import Stage, compute, dense_config, items as _items, moe_config
+from btx_jax.mix import lifecycle
 from btx_jax.models.moe import masked_indices
 from btx_jax.results import calibration_sets, save_scores, summarise
 from btx_jax.stages import StageStore, relevant_config
@@ -95,6 +99,21 @@ class Recipe:
         return self.store.finish(stage, {"steps": 0, "tokens": 0, "flops": 0.0, "kind": "mix",
                                          "seconds": manifest["seconds"], "router_init": c.mix.router_init})
 
+    def add_stage(self, stage: Stage) -> dict:
+        """extend/add: the dense expert of stage.inputs[1] added to the MoE of stage.inputs[0] (E + 1 experts)."""
+        c = stage.config
+        done = self.store.begin(stage.name, relevant_config(c, MIX_SECTIONS), stage.inputs)
+        if done is not None:
+            return done
+        output = paths.resolve(c.mix.output)
+        if output.exists():  # written, but the stage marker was not: redo
+            output.rmtree()
+        moe_path, expert_path = (str(self.path(s)) for s in stage.inputs)
+        manifest = lifecycle.add_expert(moe_path, expert_path, c.mix.domains, str(output), c, out=self.out)
+        (self.path(stage.name) / "metrics.jsonl").write_text("")  # no training: read as no metrics
+        return self.store.finish(stage.name, {"steps": 0, "tokens": 0, "flops": 0.0, "kind": "mix",
+                                              "seconds": manifest["seconds"], "added": c.mix.domains})
+
     def import_seed(self, source: str) -> dict:
         """The seed stage for a pretrained seed (btx_jax/pretrained_seed.py). No training: zero FLOPs."""
         done = self.store.begin("seed", self.import_fields(), [])
@@ -143,6 +162,8 @@ class Recipe:
             return self.import_seed(self.config.recipe.seed_from)
         if stage.kind == "mix":
             return self.mix_stage(stage.name, stage.inputs, stage.config)
+        if stage.kind == "add":
+            return self.add_stage(stage)
         return self.train_stage(stage.name, stage.config, stage.inputs)
 
     def run(self) -> None:
@@ -194,7 +215,7 @@ class Recipe:
         """The config fields that decide a stage (its fingerprint)."""
         if stage.kind == "import":
             return self.import_fields()
-        if stage.kind == "mix":
+        if stage.kind in ("mix", "add"):
             return relevant_config(stage.config, MIX_SECTIONS)
         return relevant_config(stage.config, TRAIN_SECTIONS + (("moe",) if stage.config.moe.num_experts else ()))
 
@@ -230,6 +251,14 @@ class Recipe:
             if f"variant/{variant}" in self.records:
                 models.append({"name": f"BTX {variant.replace('_', ' ')}", "stage": f"variant/{variant}",
                                "config": moe(**overrides), "compute": ["seed", *branches, f"variant/{variant}"]})
+        new = config.recipe.get("extend_domain", "")
+        if new and "extend/add" in self.records:  # BTX with one more expert, before and after its finetune
+            extended = ["seed", *branches, "finetune", "extend/branch", "extend/add"]
+            bigger = moe(num_experts=config.moe.num_experts + 1)
+            models.append({"name": f"BTX + {new} expert", "stage": "extend/add", "config": bigger, "compute": extended})
+            if "extend/finetune" in self.records:
+                models.append({"name": f"BTX + {new} expert (finetuned)", "stage": "extend/finetune", "config": bigger,
+                               "compute": [*extended, "extend/finetune"]})
         return models
 
 
@@ -351,12 +380,27 @@ def check(config, check_paths: bool = True) -> None:
     if r.eval_tokens < 0 or r.calibration_tokens <= 0:
         raise config_lib.ConfigError("recipe.eval_tokens", "eval_tokens must be >= 0 (0: the whole split) and "
                                      "calibration_tokens > 0", "use e.g. eval_tokens=100000, calibration_tokens=20000")
-    stages = {"seed", "branch", "mix", "finetune", "baseline", "variant"}
+    if r.extend_domain:
+        if r.extend_domain not in config.data.eval_domains:
+            raise config_lib.ConfigError("recipe.extend_domain", f"{r.extend_domain!r} is not in data.eval_domains "
+                                         f"({sorted(config.data.eval_domains)})", "name a held-out domain that no "
+                                         f"stage trains on (e.g. docs in configs/btx_demo.py)")
+        if r.extend_steps < 1:
+            raise config_lib.ConfigError("recipe.extend_steps", f"must be >= 1, got {r.extend_steps}", "use e.g. 50")
+        if r.extend_branch_steps < 0:
+            raise config_lib.ConfigError("recipe.extend_branch_steps", f"must be >= 0, got {r.extend_branch_steps}",
+                                         "use 0 (recipe.branch_steps) or a number of steps")
+        try:
+            re.compile(r.extend_trainable)
+        except re.error as error:
+            raise config_lib.ConfigError("recipe.extend_trainable", f"not a regular expression ({error}): "
+                                         f"{r.extend_trainable!r}", "use e.g. router, or '' for every param") from None
+    stages = {"seed", "branch", "mix", "finetune", "baseline", "variant", "extend"}
     for name in _items(r.rerun_from):
         if name.split("/")[0] not in stages:
             raise config_lib.ConfigError("recipe.rerun_from", f"unknown stage {name!r}",
                                          "name a stage: seed, branch[/<domain>], mix, finetune, baseline/<name>, "
-                                         "variant/<name>")
+                                         "variant/<name>, extend[/<name>]")
     if r.seed_from:
         if check_paths and not paths.resolve(r.seed_from).exists():
             raise config_lib.ConfigError("recipe.seed_from", f"not found: {r.seed_from!r}",

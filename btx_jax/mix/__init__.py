@@ -21,7 +21,8 @@ Everything that can be checked is checked before anything is written; the output
 a temporary name and renamed into place only when complete, with ``manifest.json``.
 
 Modules: ``plan`` (sources, policy, leaf plans, checks), ``tiles`` (cutting leaves into tiles),
-``stream`` (reading, merging, writing tiles), ``router_init``, ``surgeon`` (``run``), ``__main__`` (the CLI).
+``stream`` (reading, merging, writing tiles), ``router_init``, ``surgeon`` (``run``), ``lifecycle`` (adding and
+removing an expert of an MoE: ``python -m btx_jax.mix add|remove``), ``__main__`` (the CLI).
 """
 import importlib
 
@@ -29,9 +30,10 @@ import importlib
 # process) before jax is imported.
 _EXPORTS = {"LeafPlan": "plan", "MixError": "plan", "Source": "plan", "make_plan": "plan", "open_source": "plan",
             "parse_policy": "plan", "ZEROS_ROUTER_SCALE": "router_init", "centroid_router": "router_init",
-            "initial_router": "router_init", "run": "surgeon"}
+            "initial_router": "router_init", "run": "surgeon", "add_expert": "lifecycle",
+            "remove_expert": "lifecycle"}
 __all__ = ["LeafPlan", "MixError", "Source", "ZEROS_ROUTER_SCALE", "centroid_router", "initial_router",
-           "make_plan", "open_source", "parse_policy", "run"]
+           "make_plan", "open_source", "parse_policy", "run", "add_expert", "remove_expert"]
 
 
 def __getattr__(name: str):

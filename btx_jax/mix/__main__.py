@@ -1,4 +1,5 @@
-"""The surgeon's command line: ``python -m btx_jax.mix --config configs/mix_demo.py [--dry-run]``.
+"""The surgeon's command line: ``python -m btx_jax.mix --config configs/mix_demo.py [--dry-run]``; and
+``python -m btx_jax.mix add|remove ...``: adding or removing an expert of an MoE (btx_jax/mix/lifecycle.py).
 
 Multi-process (one output, each process writing its share):
 ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I`` on every process (see btx_jax.distributed).
@@ -62,6 +63,10 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] in ("add", "remove"):  # the expert lifecycle (btx_jax/mix/lifecycle.py)
+        from btx_jax.mix import lifecycle
+
+        sys.exit(lifecycle.main(sys.argv[1:]))
     sys.argv = ["--dry_run" if a == "--dry-run" else a for a in sys.argv]
     flags.mark_flags_as_required(["config"])
     app.run(main)
