@@ -8,6 +8,9 @@ like a finished checkpoint. Paths may be URLs (``gs://...``): they go through :m
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 
 import grain
 import jax
@@ -182,10 +185,16 @@ class ParamWriter:
         self.scratch = self.output.parent / f".{self.output.name}.incomplete"
         self.tmp = self.scratch / "checkpoint"  # orbax's partial-save session lives next to it
         self._whole = False
+        self._local: epath.Path | None = None  # a URL output's leaf-by-leaf saves, staged on this host
 
     def __enter__(self) -> "ParamWriter":
         from orbax.checkpoint import v1 as ocp_v1
 
+        if self.output.exists() and paths.is_url(self.output) and not (self.output / "manifest.json").exists():
+            if distributed.is_main():  # a copy up (see finish) that was interrupted: manifest.json comes last
+                self.out(f"{self.tag} removing {self.output}, an interrupted copy (it has no manifest.json)")
+                self.output.rmtree()
+            distributed.barrier("ParamWriter:leftover")
         if self.output.exists():
             raise CheckpointError(f"output {self.output} already exists\n  fix: remove it or choose another output")
         if distributed.is_main():
@@ -201,11 +210,21 @@ class ParamWriter:
         self._context.__enter__()
         return self
 
+    def _partial_dir(self) -> epath.Path:
+        """Where :meth:`write` saves: Orbax's partial save does not work on GCS (its temporary paths are
+        not supported there), so for a URL output the leaves go to a local directory first and
+        :meth:`finish` copies the finished checkpoint up (local disk: the model's size)."""
+        if not paths.is_url(self.output):
+            return self.tmp
+        if self._local is None:
+            self._local = epath.Path(tempfile.mkdtemp(prefix="btx_params_")) / "checkpoint"  # local: staging
+        return self._local
+
     def write(self, name: str, value) -> None:
         """Saves one param (``name`` like ``layers/mlp/gate/kernel``); a host or jax array."""
         from orbax.checkpoint.experimental.v1 import partial as partial_save
 
-        partial_save.save(self.tmp, nested({}, f"params/{name}", value))
+        partial_save.save(self._partial_dir(), nested({}, f"params/{name}", value))
 
     def write_all(self, params: dict, type_handler_registry=None) -> None:
         """Saves the whole params tree in one Orbax save (instead of :meth:`write`). Leaves of types
@@ -222,7 +241,18 @@ class ParamWriter:
         from orbax.checkpoint.experimental.v1 import partial as partial_save
 
         if not self._whole:
-            partial_save.finalize(self.tmp)
+            partial_save.finalize(self._partial_dir())
+        if self._local is not None:
+            # Copied straight to the output (a rename on GCS would copy every object once more), marked
+            # complete the way Orbax marks a save on GCS, with manifest.json last: until it exists the
+            # output is an interrupted copy, which the next writer removes.
+            if distributed.is_main():
+                _copy_tree(self._local, self.output)
+                (self.output / "state" / "commit_success.txt").write_text(f"Checkpoint commit was successful to "
+                                                                          f"{self.output}")
+                (self.output / "manifest.json").write_text(json.dumps(manifest, indent=1))
+            distributed.barrier("ParamWriter:finish")
+            return
         if distributed.is_main():
             (self.tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
             self.tmp.rename(self.output)
@@ -232,3 +262,16 @@ class ParamWriter:
         self._context.__exit__(*exc)
         if distributed.is_main():
             self.scratch.rmtree(missing_ok=True)
+        if self._local is not None:
+            self._local.parent.rmtree(missing_ok=True)
+
+
+def _copy_tree(source: epath.Path, target: epath.Path) -> None:
+    """Every file under the local directory `source` to the same place under `target` (a URL), streamed."""
+    for directory, _, files in sorted(os.walk(source)):  # local: the staging directory
+        for name in sorted(files):
+            local = epath.Path(directory) / name
+            dest = target / local.relative_to(source)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with local.open("rb") as reader, dest.open("wb") as writer:
+                shutil.copyfileobj(reader, writer, 16 << 20)

@@ -217,6 +217,29 @@ def test_hugging_face_export_and_read_on_gcs(bucket, gcs_run, tmp_path):
     assert HFTokenizer(f"{bucket}/hf").encode("hi").tolist() == HFTokenizer(str(local)).encode("hi").tolist()
 
 
+def test_hugging_face_import_into_gcs(bucket, tmp_path):
+    """A Hugging Face import written straight to gs:// (leaf by leaf, staged on this host, then copied up,
+    manifest.json last): the same params as a local import; an interrupted copy is removed by the next one."""
+    from btx_jax.hf import import_checkpoint
+
+    fixture = os.path.join(REPO, "tests", "fixtures", "hf", "llama_gqa")
+    quiet = lambda *a, **k: None  # noqa: E731
+    manifest = import_checkpoint(fixture, f"{bucket}/imported/checkpoints/0", out=quiet)
+    import_checkpoint(fixture, str(tmp_path / "imported"), out=quiet)
+    assert not epath.Path(f"{bucket}/imported/checkpoints/.0.incomplete").exists()
+    assert checkpoint.saved_model_config(f"{bucket}/imported")["model"] == manifest["model"]
+    local_meta = checkpoint.param_metadata(str(tmp_path / "imported"))
+    assert checkpoint.param_metadata(f"{bucket}/imported") == local_meta
+    for name, (shape, dtype) in local_meta.items():
+        np.testing.assert_array_equal(checkpoint.read_param(f"{bucket}/imported", name, shape, dtype),
+                                      checkpoint.read_param(str(tmp_path / "imported"), name, shape, dtype))
+    (epath.Path(f"{bucket}/imported/checkpoints/0") / "manifest.json").unlink()  # as if the copy was cut short
+    lines = []
+    import_checkpoint(fixture, f"{bucket}/imported/checkpoints/0", out=lines.append)
+    assert any("an interrupted copy" in line for line in lines)
+    assert checkpoint.param_metadata(f"{bucket}/imported") == local_meta
+
+
 # Modules that handle run paths (workdirs, checkpoints, data, reports, Hugging Face directories): they
 # go through btx_jax.paths / etils.epath, never os-level calls that would turn gs://... into a local path.
 RUN_PATH_MODULES = ["checkpoint.py", "config.py", "metrics.py", "report.py", "stages.py", "sweep.py", "evaluate.py",
