@@ -110,6 +110,10 @@ def base_config() -> ConfigDict:
         # the intermediate dims, per layer and expert, re-drawn from normal(mean, std) of the original matrix)
         upcycle="copy",
         drop_ratio=0.5,
+        # Granular experts (virtual-group upcycling, He et al. 2024): each FFN copy is split into g experts of
+        # width F/g (model.mlp_dim = F/g, moe.num_experts = g x copies, moe.top_k = g x k); the router columns of
+        # a copy's g experts are equal and the down kernels are scaled by g, so the MoE starts equal to the dense
+        granularity=1,
         # Non-FFN params: ';'-separated 'regex=rule' on target paths (first match wins; unmatched: mean),
         # or a tuple of (regex, rule) pairs. Rules: mean | weighted:w1,w2,... | seed | source:<i>
         policy="",
@@ -397,6 +401,15 @@ def _check_mix(x: ConfigDict) -> None:
     if upcycle == "drop" and x.copy_noise:
         raise ConfigError("mix.copy_noise", f"must be 0 with mix.upcycle=drop, got {x.copy_noise}",
                           "set --config.mix.copy_noise=0 (drop re-initializes part of each copy instead)")
+    g = x.get("granularity", 1)
+    if not isinstance(g, int) or g < 1:
+        raise ConfigError("mix.granularity", f"must be an integer >= 1, got {g!r}", "use 1 (whole FFNs) or e.g. 2")
+    if g > 1 and upcycle == "drop":
+        raise ConfigError("mix.granularity", f"{g} is not implemented with mix.upcycle=drop",
+                          "use mix.granularity=1 with drop, or mix.upcycle=copy/noise")
+    if g > 1 and x.router_init == "centroid":
+        raise ConfigError("mix.granularity", f"{g} is not implemented with mix.router_init=centroid",
+                          "use mix.router_init=normal or zeros")
     if not 0.0 <= x.get("drop_ratio", 0.5) <= 1.0:
         raise ConfigError("mix.drop_ratio", f"must be in [0, 1], got {x.drop_ratio}",
                           "use e.g. 0.5 (Drop-Upcycling's default)")

@@ -1,6 +1,7 @@
 """Upcycling variants of the surgeon (mix.upcycle): Drop-Upcycling against numpy (which dims, the same across
 gate/up/down, the rest bit-identical, the statistics of the re-drawn part, different experts, independent of the
-tiling), the config checks, and the recipe's drop_upcycle baseline stages."""
+tiling), the config checks, and the recipe's drop_upcycle baseline stages; granular experts (mix.granularity):
+the parts of the FFN, the dense model's logits at init, tiles inside a part."""
 import jax
 import numpy as np
 import pytest
@@ -210,3 +211,88 @@ def test_recipe_has_the_drop_upcycle_baseline(tmp_path):
     assert (stages["baseline/drop_upcycle"].config.train.steps == stages["baseline/upcycle"].config.train.steps)
     assert stages["baseline/drop_upcycle"].config.train.init_from.endswith("baseline/drop_upcycle_mix/checkpoint")
     assert up_mix.config.mix.upcycle == "copy"  # the sparse upcycling baseline keeps its meaning
+
+
+def granular_config(seed_path, out, g=2, copies=2, k=1, **mix_overrides):
+    c = tiny_config(num_layers=3, mlp_dim=128 // g)
+    c.moe.update(num_experts=g * copies, top_k=g * k, dispatcher="dropless", expert_dropout=0.0)
+    c.mix.update(experts="", seed=str(seed_path), seed_expert=False, copies=True, output=str(out), granularity=g,
+                 router_init="normal", router_std=0.5)
+    c.mix.update(**mix_overrides)
+    return c
+
+
+def test_granular_experts_split_the_ffn_and_reproduce_dense_logits(seed, tmp_path):
+    """granularity=2, 4 copies -> 8 experts of width F/2, top-4: expert e = part e % 2 of the seed's FFN (down
+    scaled by 2), a copy's two router columns equal; the MoE's logits equal the dense seed's."""
+    from btx_jax import steps
+    from helpers import mesh_of, random_batch
+    from btx_jax.state import make_setup
+
+    seed_path, params = seed
+    g = 2
+    config = granular_config(seed_path, tmp_path / "out", g=g, copies=4, k=2)
+    manifest = mix.run(config)
+    assert manifest["granularity"] == g
+    got = load_merged(config, tmp_path / "out")
+    experts, mlp = got["layers"]["moe"]["experts"], params["layers"]["mlp"]
+    width = 128 // g
+    for e in range(8):
+        part = slice((e % g) * width, (e % g + 1) * width)
+        np.testing.assert_array_equal(experts["gate"]["kernel"][:, e], mlp["gate"]["kernel"][:, :, part])
+        np.testing.assert_array_equal(experts["up"]["kernel"][:, e], mlp["up"]["kernel"][:, :, part])
+        np.testing.assert_array_equal(experts["down"]["kernel"][:, e], g * mlp["down"]["kernel"][:, part])
+    router = got["layers"]["moe"]["router"]["kernel"]  # [L, D, E]
+    np.testing.assert_array_equal(router[..., 0::2], router[..., 1::2])
+    assert not np.array_equal(router[..., 0], router[..., 2])
+
+    dense = tiny_config(num_layers=3)
+    batch = random_batch(dense)
+    mesh = mesh_of(jax.devices()[:1])
+
+    def logits(cfg, p):
+        setup = make_setup(cfg, mesh)
+        fn = steps._under_mesh(jax.jit(lambda q, b: steps.forward(setup.graphdef, q, b)[0]), mesh)
+        return np.asarray(fn(p, batch))
+
+    real = batch["segment_ids"] != 0
+    want = logits(dense, params)[real]
+    np.testing.assert_allclose(logits(config, got)[real], want, rtol=1e-5, atol=1e-5)
+
+
+def test_granular_tiles_inside_a_layer_write_what_one_tile_writes(seed, tmp_path):
+    """Sources chunked within each layer matrix (4 chunks, 2 along F) with a tiny budget, g = 2 (a part = a chunk)
+    and g = 4 (a part = half a chunk): every expert is its part of the seed's FFN."""
+    _, params = seed
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("a", "b"))
+
+    def within_layer(a):
+        spec = jax.sharding.PartitionSpec(None, "a", "b") if a.ndim == 3 else jax.sharding.PartitionSpec()
+        return jax.device_put(a, jax.sharding.NamedSharding(mesh, spec))
+
+    write_checkpoint(tmp_path / "sharded", jax.tree.map(within_layer, params))
+    for g in (2, 4):
+        tiled = granular_config(tmp_path / "sharded", tmp_path / f"tiled{g}", g=g, memory_budget=1e-6)
+        manifest = mix.run(tiled)
+        got = load_merged(tiled, tmp_path / f"tiled{g}")["layers"]["moe"]["experts"]
+        mlp, width = params["layers"]["mlp"], 128 // g
+        for e in range(g * 2):
+            part = slice((e % g) * width, (e % g + 1) * width)
+            np.testing.assert_array_equal(got["gate"]["kernel"][:, e], mlp["gate"]["kernel"][..., part])
+            np.testing.assert_array_equal(got["down"]["kernel"][:, e], g * mlp["down"]["kernel"][:, part])
+        assert manifest["tiles"] > 3 * g
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(top_k=3), "multiples of 2"),
+    (dict(num_experts=3), "multiples of 2"),
+])
+def test_bad_granular_config_is_refused(seed, tmp_path, overrides, match):
+    c = granular_config(seed[0], tmp_path / "out")
+    c.moe.update(**overrides)
+    with pytest.raises((MixError, config_lib.ConfigError), match=match):
+        mix.run(c)
+    assert not (tmp_path / "out").exists()
+    c = granular_config(seed[0], tmp_path / "out", upcycle="drop")
+    with pytest.raises(config_lib.ConfigError, match="granularity"):
+        mix.run(c)

@@ -5,6 +5,7 @@ The mapping, dense -> MoE (the one place it is written down):
 
 - ``layers/mlp/{gate,up,down}/kernel`` [L, D, F] of FFN source e -> ``layers/moe/experts/*/kernel``
   [L, E, D, F] at expert e ("stack");
+  with ``mix.granularity = g``, expert e is part e % g of the F axis (F/g wide) of slot e // g's FFN;
 - ``layers/moe/router/kernel`` [L, D, E] is new ("router");
 - every other param keeps its path and is merged by the first matching rule of ``mix.policy``
   (mean, weighted:w1,...,wN, seed, source:i; "merge").
@@ -52,6 +53,7 @@ class LeafPlan:
     rule: str
     sources: list[str]  # labels, in expert order for "stack"
     weights: list[float] | None = None
+    granularity: int = 1  # stack: expert e is part e % g (F/g wide) of slot e // g's FFN (mix.granularity)
 
     @property
     def nbytes(self) -> int:
@@ -141,6 +143,11 @@ EXPERT = re.compile(r"^layers/moe/experts/(gate|up|down)/kernel$")
 ROUTER = "layers/moe/router/kernel"
 
 
+def inner_axis(target: str) -> int:
+    """The intermediate (F) axis of an expert leaf's dense source: [L, D, F] (gate, up), [L, F, D] (down)."""
+    return 1 if target.endswith("down/kernel") else 2
+
+
 def source_path_of(target: str) -> str:
     """Target MoE param path -> the dense param path it comes from."""
     m = EXPERT.match(target)
@@ -185,8 +192,12 @@ def expert_sources(mix, experts: list[Source], seed: Source | None, num_experts:
 
 def make_plan(config, experts: list[Source], seed: Source | None, abstract_params: dict) -> list[LeafPlan]:
     """One LeafPlan per target leaf; checks that every source and the target config fit."""
-    mix, every = config.mix, config.moe.moe_every
-    ffn = expert_sources(mix, experts, seed, config.moe.num_experts)
+    mix, every, g = config.mix, config.moe.moe_every, config.mix.get("granularity", 1)
+    if g > 1 and (config.moe.num_experts % g or config.moe.top_k % g):
+        raise MixError(f"config.mix.granularity={g} splits each FFN copy into {g} experts: moe.num_experts="
+                       f"{config.moe.num_experts} and moe.top_k={config.moe.top_k} must be multiples of {g}\n"
+                       f"  fix: num_experts = {g} x the copies, top_k = {g} x the dense top-k (model.mlp_dim = F/{g})")
+    ffn = expert_sources(mix, experts, seed, config.moe.num_experts // g)
     if mix.get("upcycle", "copy") == "drop" and len(set(ffn)) == len(ffn):
         raise MixError("config.mix.upcycle=drop re-initializes part of each copy of an FFN, but no expert is a copy "
                        f"({', '.join(ffn)})\n  fix: upcycle from the seed alone (mix.experts empty), or set "
@@ -206,8 +217,12 @@ def make_plan(config, experts: list[Source], seed: Source | None, abstract_param
                            "  fix: the sources must be dense btx_jax checkpoints of the same architecture")
         src_shape = reference.params[source_path][0]
         if EXPERT.match(target):
-            expected = (src_shape[0] // every, len(ffn), *src_shape[1:])
-            plans.append(LeafPlan(target, shape, dtype, "stack", source_path, "stack", ffn))
+            inner = list(src_shape[1:])
+            if src_shape[inner_axis(target)] % g == 0:
+                inner[inner_axis(target) - 1] //= g
+            expected = (src_shape[0] // every, len(ffn) * g, *inner)
+            plans.append(LeafPlan(target, shape, dtype, "stack", source_path, "stack",
+                                  [ffn[e // g] for e in range(len(ffn) * g)], granularity=g))
         else:
             probe = np.empty(src_shape, np.bool_)
             expected = select_layers(probe, target, every).shape if src_shape and src_shape[0] % every == 0 else None

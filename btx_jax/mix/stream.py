@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import dataclasses
 import gc
+import math
 
 import jax
 import numpy as np
@@ -27,7 +28,7 @@ import psutil
 import tensorstore as ts
 
 from btx_jax import checkpoint
-from btx_jax.mix.plan import LeafPlan, MixError, Source, grouped
+from btx_jax.mix.plan import LeafPlan, MixError, Source, grouped, inner_axis
 from btx_jax.mix import router_init
 from btx_jax.mix.tiles import BFLOAT16, Tile, assign, leaf_tiles, target_index
 
@@ -191,6 +192,45 @@ def row_moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     return total, x32.sum(axis=1, dtype=np.float64), x32.shape[1]
 
 
+# ---------------------------------------------------------------------------- granular experts
+# mix.granularity = g: expert e of a stack leaf is part j = e % g of its source's F axis, [j F/g, (j+1) F/g).
+# The tile grid is cut inside one part ([0, F/g) with an F block dividing F/g) and repeated for every part,
+# each tile filling the slots of its part; the down kernels are scaled by g and the router columns of a
+# copy's g experts are equal: with renormalized top-(g k) gates a token then takes whole copies, each
+# part with 1/g of the copy's gate, and the MoE equals the dense model.
+
+def granular_tiles(tiles: list[Tile], plan: LeafPlan) -> list[Tile]:
+    """The tiles of part 0 (boxes inside [0, F/g)) -> those of every part, each with its part's slots."""
+    g, axis = plan.granularity, inner_axis(plan.target)
+    width = plan.shape[axis + 1]  # the target's F/g (its axes: layers, experts, then the source's)
+    out = []
+    for j in range(g):
+        for tile in tiles:
+            box = list(tile.box)
+            box[axis] = slice(box[axis].start + j * width, box[axis].stop + j * width)
+            slots = tuple(e for e in tile.experts if e % g == j)
+            share = len(slots) / max(len(tile.experts), 1)
+            out.append(dataclasses.replace(tile, box=tuple(box), experts=slots, index=j * len(tiles) + tile.index,
+                                           nbytes=int(tile.nbytes * share)))
+    return out
+
+
+def stack_index(plan: LeafPlan, box: tuple[slice, ...], every: int, expert: int) -> tuple[slice, ...]:
+    """target_index of a stack tile's slot, the F axis moved into the expert's part."""
+    index = list(target_index(plan, box, every, expert))
+    if plan.granularity > 1:
+        axis = inner_axis(plan.target) + 1  # in the target: layers, experts, then the source's axes
+        shift = (expert % plan.granularity) * plan.shape[axis]
+        index[axis] = slice(index[axis].start - shift, index[axis].stop - shift)
+    return tuple(index)
+
+
+def scaled(x: np.ndarray, factor: float, dtype) -> np.ndarray:
+    value = to_float32(x)
+    value *= np.float32(factor)
+    return from_float32(value, dtype)
+
+
 # ------------------------------------------------------------------------------------- sources
 
 class Sources:
@@ -246,12 +286,20 @@ async def make_tile(tile: Tile, sources: Sources, mix, every: int, stats: dict |
     `stats`: {(leaf, label): (mean, std) per target layer}, for Drop-Upcycling tiles."""
     plan = tile.plan
     if plan.kind == "router":
-        yield (), router_init.initial_router(plan, mix, np.random.default_rng([mix.noise_seed, tile.leaf]))
+        g = mix.get("granularity", 1)
+        if g == 1:
+            yield (), router_init.initial_router(plan, mix, np.random.default_rng([mix.noise_seed, tile.leaf]))
+            return
+        copies = dataclasses.replace(plan, shape=(*plan.shape[:-1], plan.shape[-1] // g))  # one column a copy
+        router = router_init.initial_router(copies, mix, np.random.default_rng([mix.noise_seed, tile.leaf]))
+        yield (), np.repeat(router, g, axis=-1)  # a copy's g experts: equal columns, adjacent
         return
     if plan.kind == "stack":
         x = await sources.read(tile.label, plan, tile.box, every)
+        if plan.granularity > 1 and inner_axis(plan.target) == 1:  # down: each part carries 1/g of the gate
+            x = await asyncio.to_thread(scaled, x, plan.granularity, plan.dtype)
         for n, expert in enumerate(tile.experts):
-            index = target_index(plan, tile.box, every, expert)
+            index = stack_index(plan, tile.box, every, expert)
             if drops(tile, mix):
                 value = await asyncio.to_thread(with_drop, x, plan, tile.box, every, expert, mix,
                                                 stats[tile.leaf, tile.label])
@@ -356,8 +404,15 @@ class Stream:
                 shape = sources.by_label[labels[0]].params[plan.source_path][0]
                 chunk = tuple(np.max([sources.chunk(label, plan.source_path) for label in labels], axis=0))
                 dtypes = [sources.by_label[label].params[plan.source_path][1] for label in labels]
-            tiles, shard = leaf_tiles(leaf, plan, tuple(shape), tuple(int(c) for c in chunk), dtypes, every, budget,
-                                      noisy)
+            shape, chunk = tuple(shape), tuple(int(c) for c in chunk)
+            if plan.kind == "stack" and plan.granularity > 1:  # cut inside part 0; granular_tiles repeats it
+                axis = inner_axis(plan.target)
+                width = shape[axis] // plan.granularity
+                shape = (*shape[:axis], width, *shape[axis + 1:])
+                chunk = (*chunk[:axis], math.gcd(chunk[axis], width), *chunk[axis + 1:])
+            tiles, shard = leaf_tiles(leaf, plan, shape, chunk, dtypes, every, budget, noisy)
+            if plan.kind == "stack" and plan.granularity > 1:
+                tiles = granular_tiles(tiles, plan)
             self.tiles += tiles
             self.leaves[plan.target] = StreamedLeaf(plan.target, plan.shape, np.dtype(plan.dtype), tuple(shard))
         self.owners = assign(self.tiles, jax.process_count())

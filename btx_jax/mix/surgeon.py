@@ -175,6 +175,7 @@ def _manifest(config, experts, seed, plans: list[LeafPlan], stream: stream_lib.S
         "expert_sources": next(p.sources for p in plans if p.kind == "stack"), "num_experts": config.moe.num_experts,
         "moe_every": config.moe.moe_every, "seed_expert": bool(mix.seed_expert), "copies": bool(mix.copies),
         "copy_noise": mix.copy_noise, "upcycle": mix.get("upcycle", "copy"), "drop_ratio": mix.get("drop_ratio", 0.5),
+        "granularity": mix.get("granularity", 1),
         "policy": [list(p) for p in parse_policy(mix.policy)],
         "router_init": mix.router_init, "router_std": mix.router_std, "branch_distances": distances,
         "leaves": {p.target: {"rule": p.rule, "sources": p.sources, "weights": p.weights, "shape": list(p.shape),
