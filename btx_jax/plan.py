@@ -122,3 +122,16 @@ def to_text(plan: dict) -> str:
     lines += [f"  [{s['group']}] {shlex.join(s['command'])}" + ("  # done" if s["done"] else "")
               for s in sorted(plan["stages"], key=lambda s: s["group"])]
     return "\n".join(lines)
+
+
+def config_args(argv: list[str]) -> list[str]:
+    """The --config flags of this command line, to repeat in each stage's command."""
+    args, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config"):
+            if "=" not in arg and i + 1 < len(argv):
+                arg, i = f"{arg}={argv[i + 1]}", i + 1
+            args.append(arg)
+        i += 1
+    return args

@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -41,8 +40,8 @@ from btx_jax import compare as compare_lib, compilation_cache, config as config_
 from btx_jax import paths, plan, pretrained_seed, report, sweep, train
 from btx_jax.graph import Stage, compute, dense_config, items as _items, moe_config
 from btx_jax.mix import lifecycle
-from btx_jax.models.moe import masked_indices
 from btx_jax.results import calibration_sets, save_scores, summarise
+from btx_jax.recipe_checks import check
 from btx_jax.stages import StageStore, relevant_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # local: this package's checkout
@@ -350,68 +349,6 @@ def evaluate_trials(config, workdir, recipes: list[Recipe], out=print) -> dict:
     return results
 
 
-def check(config, check_paths: bool = True) -> None:
-    """Recipe-specific config checks, before any work starts (`check_paths=False`: --plan, which may run
-    on a workstation that cannot see the run's paths)."""
-    config_lib.validate(config, check_paths=check_paths)
-    r = config.recipe
-    if not config.moe.num_experts:
-        raise config_lib.ConfigError("moe.num_experts", "is 0", "set it to the number of domains (+1 with mix.seed_expert)")
-    want = len(config.data.domains) + (1 if config.mix.seed_expert else 0)
-    if config.moe.num_experts != want:
-        raise config_lib.ConfigError("moe.num_experts", f"{config.moe.num_experts} experts but {len(config.data.domains)} "
-                                     f"domains{' + the seed expert' if config.mix.seed_expert else ''}",
-                                     f"set moe.num_experts={want}")
-    unknown = set(_items(r.baselines)) - {"dense", "btm", "upcycle", "drop_upcycle"}
-    unknown |= set(_items(r.variants)) - {"top1", "no_load_balance", "random_router", "bias_balance", "sequence_balance"}
-    if unknown:
-        raise config_lib.ConfigError("recipe", f"unknown baselines/variants {sorted(unknown)}",
-                                     "baselines: dense, btm, upcycle, drop_upcycle; variants: top1, no_load_balance, "
-                                     "random_router, bias_balance, sequence_balance")
-    left = config.moe.num_experts - len(masked_indices(config.moe.masked_experts))
-    if r.opt_out and left - 1 < config.moe.top_k:
-        raise config_lib.ConfigError("recipe.opt_out", f"masking one more of the {left} experts left would leave "
-                                     f"fewer than top_k={config.moe.top_k}", "set recipe.opt_out=False")
-    if r.seeds < 1:
-        raise config_lib.ConfigError("recipe.seeds", f"must be >= 1, got {r.seeds}", "use 1 (bootstrap only) or 3+")
-    if r.bootstrap < 100:
-        raise config_lib.ConfigError("recipe.bootstrap", f"{r.bootstrap} replicates are too few for a 95% interval",
-                                     "use 1000 (the default) or more")
-    if r.eval_tokens < 0 or r.calibration_tokens <= 0:
-        raise config_lib.ConfigError("recipe.eval_tokens", "eval_tokens must be >= 0 (0: the whole split) and "
-                                     "calibration_tokens > 0", "use e.g. eval_tokens=100000, calibration_tokens=20000")
-    if r.extend_domain:
-        if r.extend_domain not in config.data.eval_domains:
-            raise config_lib.ConfigError("recipe.extend_domain", f"{r.extend_domain!r} is not in data.eval_domains "
-                                         f"({sorted(config.data.eval_domains)})", "name a held-out domain that no "
-                                         f"stage trains on (e.g. docs in configs/btx_demo.py)")
-        if r.extend_steps < 1:
-            raise config_lib.ConfigError("recipe.extend_steps", f"must be >= 1, got {r.extend_steps}", "use e.g. 50")
-        if r.extend_branch_steps < 0:
-            raise config_lib.ConfigError("recipe.extend_branch_steps", f"must be >= 0, got {r.extend_branch_steps}",
-                                         "use 0 (recipe.branch_steps) or a number of steps")
-        try:
-            re.compile(r.extend_trainable)
-        except re.error as error:
-            raise config_lib.ConfigError("recipe.extend_trainable", f"not a regular expression ({error}): "
-                                         f"{r.extend_trainable!r}", "use e.g. router, or '' for every param") from None
-    stages = {"seed", "branch", "mix", "finetune", "baseline", "variant", "extend"}
-    for name in _items(r.rerun_from):
-        if name.split("/")[0] not in stages:
-            raise config_lib.ConfigError("recipe.rerun_from", f"unknown stage {name!r}",
-                                         "name a stage: seed, branch[/<domain>], mix, finetune, baseline/<name>, "
-                                         "variant/<name>, extend[/<name>]")
-    if r.seed_from:
-        if check_paths and not paths.resolve(r.seed_from).exists():
-            raise config_lib.ConfigError("recipe.seed_from", f"not found: {r.seed_from!r}",
-                                         "give a Hugging Face model directory or a btx_jax checkpoint")
-        if r.seed_share or "seed_share" in r.sweep:
-            raise config_lib.ConfigError("recipe.seed_share", "splits a seed budget, but recipe.seed_from gives a "
-                                         "pretrained seed", "set recipe.seed_share=0 and recipe.sweep=''")
-    sweep.parse(r.sweep)
-    sweep.resolve(config)  # checks recipe.seed_share
-
-
 def run(config, workdir, out=print) -> dict:
     """The comparison (or, with recipe.sweep, one comparison per sweep point) and its report."""
     check(config)
@@ -437,19 +374,6 @@ def _define_flags():
     distributed.define_flags()
 
 
-def _config_args(argv: list[str]) -> list[str]:
-    """The --config flags of this command line, to repeat in each stage's command."""
-    args, i = [], 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg.startswith("--config"):
-            if "=" not in arg and i + 1 < len(argv):
-                arg, i = f"{arg}={argv[i + 1]}", i + 1
-            args.append(arg)
-        i += 1
-    return args
-
-
 def main(argv):
     del argv
     compilation_cache.enable()
@@ -461,7 +385,7 @@ def main(argv):
         if _PLAN.value:
             check(config, check_paths=False)
             config = sweep.resolve(config)
-            stage_plan = plan.build(config, _WORKDIR.value, _config_args(sys.argv[1:]))
+            stage_plan = plan.build(config, _WORKDIR.value, plan.config_args(sys.argv[1:]))
             print(plan.to_json(stage_plan) if _PLAN_FORMAT.value == "json" else plan.to_text(stage_plan))
             return
         distributed.initialize("[recipe]")
