@@ -8,7 +8,13 @@ array_record's C++ client).
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import pathlib
+import socket
+import subprocess
 import sys
+import time
 from http import HTTPStatus
 
 ENV_TEMPLATE = {
@@ -102,6 +108,36 @@ def patch_handlers() -> None:
     move = (rf"^{settings.API_ENDPOINT}/b/(?P<bucket_name>[-.\w]+)/o/(?P<object_id>.*[^/]+)/moveTo/o/"
             r"(?P<dest_object_id>.*[^/]+)$", {"POST": _move})
     server.HANDLERS = (move, *server.HANDLERS)
+
+
+@contextlib.contextmanager
+def running(log_dir, bucket: str):
+    """``gs://<bucket>`` served by this module in a subprocess on a free port, with the clients' endpoint
+    variables pointing at it while the block runs (restored after)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = pathlib.Path(log_dir) / "emulator.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, __file__, str(port), bucket], stdin=subprocess.PIPE, stdout=out,
+                                stderr=subprocess.STDOUT)
+    for _ in range(300):
+        if proc.poll() is not None or log.read_text().startswith("ready"):
+            break
+        time.sleep(0.05)
+    assert log.read_text().startswith("ready"), log.read_text()
+    saved = {k: os.environ.get(k) for k in ENV_TEMPLATE}
+    os.environ.update(env(port))
+    try:
+        yield f"gs://{bucket}"
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        proc.stdin.close()
+        proc.wait(timeout=10)
 
 
 def main(port: int, bucket: str) -> None:

@@ -2,13 +2,11 @@
 identity, round trip into training, bad input, interrupted writes, memory that stays within the budget
 whatever the number of experts, two processes writing what one writes, and sources and output on GCS."""
 import functools
-import importlib.util
 import json
 import os
 import socket
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -456,30 +454,10 @@ def test_two_processes_centroid_router(sources, tmp_path, demo_data_dir):
 @pytest.fixture(scope="module")
 def bucket(tmp_path_factory):
     """``gs://mixbucket`` on a local GCS emulator (tests/gcs_emulator.py), for the module's tests."""
-    if importlib.util.find_spec("gcp_storage_emulator") is None or importlib.util.find_spec("gcsfs") is None:
-        pytest.skip("needs gcp-storage-emulator and gcsfs (pip install -e '.[dev]')")
     import gcs_emulator
 
-    port = _free_port()
-    log = tmp_path_factory.mktemp("gcs") / "emulator.log"
-    with open(log, "w") as out:
-        emulator = [sys.executable, os.path.join(REPO, "tests", "gcs_emulator.py"), str(port), "mixbucket"]
-        proc = subprocess.Popen(emulator, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT)
-    for _ in range(300):
-        if proc.poll() is not None or log.read_text().startswith("ready"):
-            break
-        time.sleep(0.05)
-    assert log.read_text().startswith("ready"), log.read_text()
-    saved = {k: os.environ.get(k) for k in gcs_emulator.ENV_TEMPLATE}
-    os.environ.update(gcs_emulator.env(port))
-    yield "gs://mixbucket"
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    proc.stdin.close()
-    proc.wait(timeout=10)
+    with gcs_emulator.running(tmp_path_factory.mktemp("gcs"), "mixbucket") as url:
+        yield url
 
 
 def test_sources_and_output_in_gcs(bucket, sources, tmp_path, monkeypatch):

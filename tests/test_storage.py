@@ -2,13 +2,9 @@
 Orbax/tensorstore, etils.epath (gcsfs, also under TensorBoard's event files) and array_record read and
 write it as they would Google Cloud Storage. Every test also checks that no URL became a local path
 (a ``gs:`` directory in the working directory)."""
-import importlib.util
 import os
 import re
-import socket
-import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -22,9 +18,6 @@ from btx_jax.state import make_setup
 from helpers import mesh_of
 from test_train import tiny
 
-if importlib.util.find_spec("gcp_storage_emulator") is None or importlib.util.find_spec("gcsfs") is None:
-    pytest.skip("needs gcp-storage-emulator and gcsfs (pip install -e '.[dev]')", allow_module_level=True)
-
 pytestmark = pytest.mark.xdist_group("gcs")  # one emulator, and the runs below build on each other
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -36,28 +29,8 @@ import gcs_emulator  # noqa: E402
 @pytest.fixture(scope="module")
 def bucket(tmp_path_factory):
     """``gs://bucket`` on a fresh emulator; the clients' endpoints point at it while the module runs."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = tmp_path_factory.mktemp("gcs") / "emulator.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, os.path.join(TESTS, "gcs_emulator.py"), str(port), "bucket"],
-                                stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT)
-    for _ in range(300):
-        if proc.poll() is not None or log.read_text().startswith("ready"):
-            break
-        time.sleep(0.05)
-    assert log.read_text().startswith("ready"), log.read_text()
-    saved = {k: os.environ.get(k) for k in gcs_emulator.ENV_TEMPLATE}
-    os.environ.update(gcs_emulator.env(port))
-    yield "gs://bucket"
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    proc.stdin.close()
-    proc.wait(timeout=10)
+    with gcs_emulator.running(tmp_path_factory.mktemp("gcs"), "bucket") as url:
+        yield url
 
 
 @pytest.fixture(autouse=True)
