@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 
 import numpy as np
 
@@ -128,28 +129,14 @@ def plots(report_dir, results: dict, workdir) -> dict:
     ax.set_title("loss per stage")
     _save(fig, report_dir / "loss_curves.png", images)
 
-    # routing: domain x expert per MoE layer
-    routing = results.get("routing") or {}
-    if routing:
-        domains = list(routing)
-        usage = np.array([routing[d] for d in domains])  # [domains, L, E]
+    # routing: domain x expert per MoE layer, for BTX (routing.png) and every other MoE model (routing_<model>.png)
+    by_model = results.get("routing_by_model") or ({"BTX": results["routing"]} if results.get("routing") else {})
+    for name, routing in by_model.items():
+        slug = "routing" if name == "BTX" else "routing_" + re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+        _routing_figure(plt, routing, f"{name} routing: domain x expert", report_dir / f"{slug}.png", images, slug)
+    if results.get("routing"):
+        usage = np.array(list(results["routing"].values()))  # [domains, L, E]
         layers, experts = usage.shape[1], usage.shape[2]
-        fig, axes = plt.subplots(1, layers, figsize=(2.5 + 2.2 * layers * max(experts, 4) / 4, 1.6 + 0.45 * len(domains)),
-                                 squeeze=False, layout="constrained")
-        for layer, ax in enumerate(axes[0]):
-            im = ax.imshow(usage[:, layer], cmap="viridis", vmin=0, vmax=max(usage.max(), 1e-6), aspect="auto")
-            ax.set_title(f"layer {layer}", fontsize=9)
-            ax.set_xticks(range(experts))
-            ax.set_xlabel("expert")
-            ax.set_yticks(range(len(domains)))
-            ax.set_yticklabels(domains if layer == 0 else [], fontsize=8)
-        fig.colorbar(im, ax=axes[0].tolist(), shrink=0.9, label="fraction routed")
-        fig.suptitle("BTX routing: domain x expert", fontsize=10)
-        _png(fig, report_dir / "routing.png")
-        fig.canvas.draw()
-        images["routing"] = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-        plt.close(fig)
-
         fig, ax = plt.subplots(figsize=(6, 3.5))
         overall = usage.mean(axis=0)  # [L, E]
         width = 0.8 / layers
@@ -241,3 +228,25 @@ def write_sweep(report_dir, sweep: dict, models, out=print) -> None:
     axes[0][0].legend(fontsize=7)
     _save(fig, report_dir / "sweep.png", {})
     out(f"[recipe] sweep report: {report_dir}/sweep.md, sweep.png\n" + table)
+
+
+def _routing_figure(plt, routing: dict, title: str, path, images: dict, key: str) -> None:
+    """One heatmap per MoE layer of the fraction of each domain's routing choices that go to each expert."""
+    domains = list(routing)
+    usage = np.array([routing[d] for d in domains])  # [domains, L, E]
+    layers, experts = usage.shape[1], usage.shape[2]
+    fig, axes = plt.subplots(1, layers, figsize=(2.5 + 2.2 * layers * max(experts, 4) / 4, 1.6 + 0.45 * len(domains)),
+                             squeeze=False, layout="constrained")
+    for layer, ax in enumerate(axes[0]):
+        im = ax.imshow(usage[:, layer], cmap="viridis", vmin=0, vmax=max(usage.max(), 1e-6), aspect="auto")
+        ax.set_title(f"layer {layer}", fontsize=9)
+        ax.set_xticks(range(experts))
+        ax.set_xlabel("expert")
+        ax.set_yticks(range(len(domains)))
+        ax.set_yticklabels(domains if layer == 0 else [], fontsize=8)
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.9, label="fraction routed")
+    fig.suptitle(title, fontsize=10)
+    _png(fig, path)
+    fig.canvas.draw()
+    images[key] = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)

@@ -49,8 +49,12 @@ def summarise(config, recipes, trials: list[dict], eval_sets: dict) -> dict:
             row["priors"] = first["priors"]
         rows.append(row)
     best = {column: intervals.best(reps, column) for column in [*domains, "avg"]}
-    routing = {d: np.mean([t["BTX"]["routing"][d]["expert_usage"] for t in trials], axis=0).tolist() for d in domains}
+    routing_by_model = {name: {d: np.mean([t[name]["routing"][d]["expert_usage"] for t in trials], axis=0).tolist()
+                               for d in domains}
+                        for name in names if trials[0][name].get("routing")}  # every MoE model
+    routing = routing_by_model["BTX"]
     summary = {"domains": domains, "train_domains": train_domains, "models": rows, "best": best, "routing": routing,
+               "routing_by_model": routing_by_model,
                "trials": len(trials), "bootstrap": config.recipe.bootstrap,
                "tokens_scored": {d: evaluate.scored_tokens(b) for d, b in eval_sets.items()},
                "documents": {d: int(len(scores["seed"][0][d].nll)) for d in domains},

@@ -45,6 +45,10 @@ def test_every_stage_runs_and_the_report_is_written(finished):
                  "ppl_vs_compute.png", "scores.npz"):
         assert os.path.getsize(workdir / "report" / name) > 0, name
     assert os.listdir(workdir / "report" / "tensorboard")
+    for name in ("routing_btx_top1.png", "routing_btx_no_load_balance.png", "routing_btx_random_router.png",
+                 "routing_sparse_upcycling.png"):  # a routing heatmap for every MoE model, not only BTX
+        assert os.path.getsize(workdir / "report" / name) > 0, name
+    assert set(results["routing_by_model"]) >= {"BTX", "BTX top1", "sparse upcycling"}
     table = (workdir / "report" / "results.md").read_text()
     assert "| BTX |" in table and " ±" in table and "95% paired-bootstrap interval" in table
     routing = results["routing"]
