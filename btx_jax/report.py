@@ -42,6 +42,13 @@ def _table(results: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def _out_of_domain(extra: list[str], results: dict) -> str:
+    """The held-out-only domains; the recipe's extend stages train an expert on one of them."""
+    extended = [r["model"] for r in results["models"] if r["model"].startswith("BTX + ")]
+    but = f"; except the rows {', '.join(extended)}, whose added expert was trained on it" if extended else ""
+    return f"Out-of-domain (no other stage trains on it{but}): {', '.join(extra)}. "
+
+
 def markdown(results: dict) -> str:
     header, rows = _table(results)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -55,7 +62,7 @@ def markdown(results: dict) -> str:
             f"{' and seeds' if trials > 1 else ''} ({results['bootstrap']} replicates). Bold: the model that beats every "
             "other one in at least 97.5% of the replicates; a column without bold has no clear winner. "
             f"Scored: {scored}. "
-            f"{'Out-of-domain (never trained on): ' + ', '.join(extra) + '. ' if extra else ''}"
+            f"{_out_of_domain(extra, results) if extra else ''}"
             "Compute: training FLOPs of every stage the model needed (6 x active params x tokens + attention); "
             "the dense and upcycling baselines were given BTX's compute after the seed; BTM uses the seed and "
             "branches only (no finetuning). MoE models are evaluated without capacity (dropless); 'dropped' is the "
