@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from btx_jax import steps
@@ -96,7 +95,7 @@ def make_token_scorer(setup):
     (`router_bias`: a bias-balanced MoE's selection bias, part of its routing)."""
     def score(params, batch, router_bias=None):
         logits, aux = steps.forward(setup.graphdef, params, batch, router_bias=router_bias)
-        nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0]
+        nll, _ = steps.token_nll(logits, batch["targets"])
         routing = {k: aux[k] for k in ("expert_usage", "dropped_fraction") if k in aux}
         return nll * batch["loss_mask"], routing
     return steps._under_mesh(jax.jit(score), setup.mesh)

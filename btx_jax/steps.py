@@ -18,14 +18,41 @@ from btx_jax.models.moe import masked_indices
 from btx_jax.state import TrainSetup
 
 
+@jax.custom_vjp
+def token_nll(logits, targets):
+    """logits [..., V] float32, targets [...] -> (-log p(target), log Z), each [...].
+
+    The gradient is written by hand, softmax * (g_nll + g_log_z) - one_hot(target) * g_nll, so
+    the backward is one elementwise pass over the logits; differentiating logsumexp and the
+    target gather makes XLA take several passes (and a scatter) over the largest array of the
+    step ([B, T, vocab])."""
+    return _token_nll_forward(logits, targets)[0]
+
+
+def _token_nll_forward(logits, targets):
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    nll = log_z - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return (nll, log_z), (logits, targets, log_z)
+
+
+def _token_nll_backward(residuals, cotangents):
+    logits, targets, log_z = residuals
+    g_nll, g_log_z = cotangents
+    target = jax.lax.broadcasted_iota(targets.dtype, logits.shape, logits.ndim - 1) == targets[..., None]
+    softmax = jnp.exp(logits - log_z[..., None])
+    d_logits = softmax * (g_nll + g_log_z)[..., None] - jnp.where(target, g_nll[..., None], 0.0)
+    return d_logits.astype(logits.dtype), None
+
+
+token_nll.defvjp(_token_nll_forward, _token_nll_backward)
+
+
 def lm_loss(logits, batch, z_loss: float = 0.0, tokens=None):
     """Mean token cross entropy over loss_mask, plus z_loss * log(Z)^2 (keeps logits bounded).
 
     `tokens` is the mean's denominator, by default this batch's loss tokens; a microbatch passes
     its whole step's, so that the microbatches' losses (and gradients) add up to the step's."""
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
-    nll = log_z - target_logit
+    nll, log_z = token_nll(logits, batch["targets"])
     mask = batch["loss_mask"]
     tokens = jnp.maximum(mask.sum(), 1.0) if tokens is None else tokens
     ce = (nll * mask).sum() / tokens
@@ -179,7 +206,7 @@ def make_eval_step(setup: TrainSetup, batch_shardings: dict):
     ``router_bias`` (by keyword) when it has one: the bias is part of the model's routing."""
     def eval_step(params, batch, router_bias=None):
         logits, _ = forward(setup.graphdef, params, batch, router_bias=router_bias)
-        nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0]
+        nll, _ = token_nll(logits, batch["targets"])
         return (nll * batch["loss_mask"]).sum(), batch["loss_mask"].sum()
 
     jitted = _under_mesh(jax.jit(eval_step, in_shardings=(setup.state_shardings["params"], batch_shardings, None)),

@@ -97,12 +97,16 @@ def test_hardware_targets():
 # ------------------------------------------------------------------------------ the memory plan
 
 
-@pytest.mark.parametrize("remat,accum,moe", [("full", 1, False), ("dots", 2, True)], ids=["dense_full", "moe_dots_accum2"])
-def test_memory_plan_is_near_xla_compiled_memory(remat, accum, moe):
+@pytest.mark.parametrize("remat,accum,moe,bounds", [("none", 1, False, (0.95, 1.05)), ("full", 1, False, (0.95, 1.5)),
+                                                      ("dots", 2, True, (0.95, 1.5))],
+                         ids=["dense_none", "dense_full", "moe_dots_accum2"])
+def test_memory_plan_is_near_xla_compiled_memory(remat, accum, moe, bounds):
     """Guards the activation estimate against XLA's own buffer assignment (XLA:CPU, 8 devices, fsdp=8):
-    the planned gradients + activations + transient within 25% of the compiled step's temporaries
-    (measured: 0.92x and 1.13x). The MoE uses the CPU's block dropless (native ragged_dot is masked
-    dense on CPU, every expert on every token: a CPU-only cost the plan rightly ignores)."""
+    the planned gradients + activations + transient against the compiled step's temporaries.
+    Without remat the plan is exact (measured 1.00x). With remat it may only over-estimate: the
+    transient term counts a whole layer's recomputed residuals, some of which XLA fuses into their
+    consumers (measured 1.43x full, 1.22x dots). The MoE uses the CPU's block dropless (native ragged_dot is
+    masked dense on CPU, every expert on every token: a CPU-only cost the plan rightly ignores)."""
     config = tiny_config(d_model=256, num_layers=4, num_heads=8, num_kv_heads=8, head_dim=32, mlp_dim=1024,
                          vocab_size=8192, remat=remat, dtype="bfloat16", scan_unroll=1)
     config.data.update(seq_len=512, batch_size=64)
@@ -123,7 +127,7 @@ def test_memory_plan_is_near_xla_compiled_memory(remat, accum, moe):
     plan = memory.stage_memory(config, 8)
     assert plan["params"] + plan["opt_state"] == pytest.approx(compiled.argument_size_in_bytes, rel=0.02)
     ratio = (plan["grads"] + plan["activations"] + plan["transient"]) / compiled.temp_size_in_bytes
-    assert 0.75 < ratio < 1.25, f"plan / compiled temporaries = {ratio:.2f}"
+    assert bounds[0] < ratio < bounds[1], f"plan / compiled temporaries = {ratio:.2f}"
 
 
 # ------------------------------------------------------------------------------ the 7B run

@@ -14,10 +14,10 @@ from btx_jax import checkpoint, train
 from btx_jax.config import load_config
 from btx_jax.metrics import read_metrics
 from btx_jax.state import make_setup
-from helpers import mesh_of
+from helpers import mesh_of, subprocess_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+ENV = subprocess_env()
 
 
 def tiny(data_dir, **train_overrides):
@@ -158,3 +158,28 @@ def test_init_from_loads_params_with_a_fresh_optimizer(demo_data_dir, tmp_path, 
     moved = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(seed_params),
                                                  jax.tree.leaves(jax.device_get(state["params"])))]
     assert 0 < max(moved) < 0.05  # one small step away from the seed, not from a random init
+
+
+def test_cross_entropy_and_its_hand_written_gradient_match_numpy():
+    """lm_loss (token_nll's custom VJP) against the analytic loss and gradient in float64 numpy:
+    d/dlogits = (softmax - one_hot(target) + 2 z log Z softmax) * mask / tokens."""
+    from btx_jax.steps import lm_loss
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, (2, 5, 11)).astype(np.float32)
+    targets = rng.integers(0, 11, (2, 5))
+    mask = (rng.random((2, 5)) < 0.7).astype(np.float32)
+    z = 1e-2
+    batch = {"targets": jax.numpy.asarray(targets), "loss_mask": jax.numpy.asarray(mask)}
+    (loss, metrics), grad = jax.value_and_grad(lambda x: lm_loss(x, batch, z), has_aux=True)(logits)
+
+    x = logits.astype(np.float64)
+    log_z = np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1)) + x.max(-1)
+    softmax = np.exp(x - log_z[..., None])
+    one_hot = np.eye(11)[targets]
+    tokens = mask.sum()
+    nll = log_z - np.take_along_axis(x, targets[..., None], -1)[..., 0]
+    np.testing.assert_allclose(metrics["loss"], (nll * mask).sum() / tokens, rtol=1e-6)
+    np.testing.assert_allclose(loss, (nll * mask).sum() / tokens + z * (log_z**2 * mask).sum() / tokens, rtol=1e-6)
+    expected = (softmax - one_hot + 2 * z * log_z[..., None] * softmax) * mask[..., None] / tokens
+    np.testing.assert_allclose(grad, expected, atol=1e-7)
