@@ -1,6 +1,9 @@
 """Shared test utilities: tiny configs, random batches, meshes over subsets of the fake devices."""
 from __future__ import annotations
 
+import os
+import re
+
 import jax
 import numpy as np
 from ml_collections import ConfigDict
@@ -17,6 +20,14 @@ def tiny_config(**model_overrides) -> ConfigDict:
     c.optim.update(warmup_steps=2)
     c.train.update(steps=10, peak_flops=1e11)
     return c
+
+
+def subprocess_env(devices: int = 8) -> dict:
+    """The environment for a `python -m btx_jax...` child process: this run's XLA flags (conftest.py)
+    with `devices` fake CPU devices."""
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", f"--xla_force_host_platform_device_count={devices}",
+                   os.environ["XLA_FLAGS"])
+    return {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
 
 
 def mesh_of(devices=None, **axes) -> jax.sharding.Mesh:

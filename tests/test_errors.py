@@ -18,7 +18,7 @@ from btx_jax.checkpoint import CheckpointError
 from btx_jax.config import ConfigError, base_config, load_config, validate
 from btx_jax.data import pipeline
 from btx_jax.data.datasets import DataError
-from helpers import tiny_config
+from helpers import subprocess_env, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,7 +27,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def cli(*args, timeout=120) -> subprocess.CompletedProcess:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = subprocess_env()
     return subprocess.run([sys.executable, "-m", "btx_jax.train", *args], capture_output=True, text=True,
                           env=env, cwd=REPO, timeout=timeout)
 

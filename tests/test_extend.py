@@ -16,7 +16,7 @@ from btx_jax.config import ConfigError, load_config
 from btx_jax.mix import lifecycle
 from btx_jax.mix.plan import MixError
 from btx_jax.state import make_setup
-from helpers import mesh_of, random_batch, tiny_config
+from helpers import mesh_of, random_batch, subprocess_env, tiny_config
 from test_mix import dense_params, mix_config, perturbed, write_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -158,7 +158,7 @@ def test_an_independent_dense_model_is_added_with_a_warning(made, tmp_path, demo
 
 def test_cli(made, tmp_path):
     root, _, _, _ = made
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env = subprocess_env()
     ok = subprocess.run([sys.executable, "-m", "btx_jax.mix", "remove", "--moe", str(root / "added"), "--expert", "4",
                          "--output", str(tmp_path / "back")], cwd=REPO, env=env, capture_output=True, text=True,
                         timeout=300)

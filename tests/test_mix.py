@@ -21,7 +21,7 @@ from btx_jax.config import load_config
 from btx_jax.metrics import read_metrics
 from btx_jax.models import router as router_lib
 from btx_jax.state import init_params, make_setup
-from helpers import mesh_of, random_batch, tiny_config
+from helpers import mesh_of, random_batch, subprocess_env, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FFN = ("gate", "up", "down")
@@ -373,7 +373,7 @@ def _free_port() -> int:
 def run_two_processes(config_file, *args):
     """``python -m btx_jax.mix`` as one jax.distributed job of two processes with 4 CPU devices each."""
     port = _free_port()
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    env = subprocess_env(4)
     procs = [subprocess.Popen([sys.executable, "-m", "btx_jax.mix", f"--config={config_file}", *args,
                                f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

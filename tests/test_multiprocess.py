@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from btx_jax.metrics import read_metrics
+from helpers import subprocess_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12
@@ -42,17 +43,13 @@ def _command(kind: str, data_dir, workdir) -> list[str]:
             "--config.train.peak_flops=1e11"]
 
 
-def _env(devices: int) -> dict:
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
-
-
 def _start_pair(command: list[str], workdir) -> list[subprocess.Popen]:
     port = _free_port()
     procs = []
     for index in range(2):
         log = open(workdir.parent / f"{workdir.name}.process{index}.log", "a")  # noqa: SIM115
         procs.append(subprocess.Popen([*command, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                                       f"--process_id={index}"], cwd=REPO, env=_env(4), stdout=log, stderr=log))
+                                       f"--process_id={index}"], cwd=REPO, env=subprocess_env(4), stdout=log, stderr=log))
     return procs
 
 
@@ -99,7 +96,7 @@ def _interrupted_then_resumed(kind: str, data_dir, workdir) -> tuple[int, dict[i
 @pytest.mark.parametrize("kind", ["dense", "moe"])
 def test_two_processes_stop_resume_and_match_one_process(kind, demo_data_dir, tmp_path, capsys):
     reference = tmp_path / "one_process"
-    done = subprocess.run(_command(kind, demo_data_dir, reference), cwd=REPO, env=_env(8), capture_output=True,
+    done = subprocess.run(_command(kind, demo_data_dir, reference), cwd=REPO, env=subprocess_env(8), capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     assert "[train] process 0 of" not in done.stdout  # a single process joins no job
@@ -130,7 +127,7 @@ def test_recipe_stages_run_as_two_processes(demo_data_dir, tmp_path):
     seed = json.loads((workdir / "seed" / "stage.json").read_text())
     branch = json.loads((workdir / "branch" / "code" / "stage.json").read_text())
     assert branch["inputs"] == {"seed": seed["run_id"]} and seed["steps"] == 6
-    done = subprocess.run([*command, "--plan", "--plan_format=json"], cwd=REPO, env=_env(8), capture_output=True,
+    done = subprocess.run([*command, "--plan", "--plan_format=json"], cwd=REPO, env=subprocess_env(8), capture_output=True,
                           text=True, timeout=300)
     status = {s["name"]: s["status"] for s in json.loads(done.stdout)["stages"]}
     assert status["seed"] == status["branch/code"] == "done" and status["branch/math"] == "todo"
