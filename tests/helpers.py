@@ -8,7 +8,7 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from btx_jax.config import base_config
+from btx_jax.config import base_config, load_config
 from btx_jax import sharding
 
 
@@ -20,6 +20,14 @@ def tiny_config(**model_overrides) -> ConfigDict:
     c.optim.update(warmup_steps=2)
     c.train.update(steps=10, peak_flops=1e11)
     return c
+
+
+def tiny_recipe_config(data_dir):
+    """The BTX demo recipe at its `:tiny` size (every stage in about a minute) on the tests' corpus."""
+    config = load_config(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs/btx_demo.py:tiny"))
+    config.data.data_dir = data_dir
+    config.train.peak_flops = 1e11
+    return config
 
 
 def subprocess_env(devices: int = 8) -> dict:

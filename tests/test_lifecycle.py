@@ -309,18 +309,12 @@ def test_a_partly_trained_run_checkpoints_and_resumes(demo_data_dir, tmp_path):
 # ------------------------------------------------------------------------------ 3. the opt-out table
 
 @pytest.fixture(scope="module")
-def finished(demo_data_dir, tmp_path_factory):
-    """The tiny BTX recipe without baselines or variants (BTX, seed and experts only)."""
-    config = load_config(os.path.join(REPO, "configs/btx_demo.py:tiny"))
-    config.data.data_dir = demo_data_dir
-    config.train.peak_flops = 1e11
-    config.recipe.update(baselines="", variants="")
-    workdir = tmp_path_factory.mktemp("btx_opt_out")
-    lines = []
-    results = recipe.run(config, str(workdir), out=lines.append)
-    return config, workdir, results, lines
+def finished(tiny_recipe_run):
+    """The tests' shared tiny recipe run (conftest.py), whose report has the opt-out table."""
+    return tiny_recipe_run
 
 
+@pytest.mark.xdist_group("recipe")
 def test_opt_out_table(finished):
     """One row per expert (named by its domain, the seed's FFN last), every eval domain, each a perplexity, its
     change against the full BTX and the paired interval of the change; masking changes the scores."""
@@ -345,6 +339,7 @@ def test_opt_out_table(finished):
     assert on_disk["opt_out"]["code"]["code"]["delta"] == pytest.approx(opt_out["code"]["code"]["delta"])
 
 
+@pytest.mark.xdist_group("recipe")
 def test_nothing_masked_is_the_btx_model(finished):
     """Scored with an empty mask, the BTX model gives the report's BTX scores document by document, so its
     paired change is 0 with the interval (0, 0); and one masked expert gives the opt-out row."""

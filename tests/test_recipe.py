@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from btx_jax import plan, recipe
-from btx_jax.config import load_config
+from helpers import tiny_recipe_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # every test here on one xdist worker (make test runs --dist loadgroup), so the recipe run that most of
@@ -15,18 +15,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.xdist_group("recipe")
 
 
-def tiny(data_dir):
-    config = load_config(os.path.join(REPO, "configs/btx_demo.py:tiny"))
-    config.data.data_dir = data_dir
-    config.train.peak_flops = 1e11
-    return config
+tiny = tiny_recipe_config
 
 
 @pytest.fixture(scope="module")
-def finished(demo_data_dir, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("btx")
-    lines = []
-    results = recipe.run(tiny(demo_data_dir), str(workdir), out=lines.append)
+def finished(tiny_recipe_run):
+    _, workdir, results, lines = tiny_recipe_run
     return workdir, results, lines
 
 
