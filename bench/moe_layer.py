@@ -69,7 +69,7 @@ def interleaved(runners: dict, rounds: int) -> dict:
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def moe_module(dispatcher: str, experts: int, group_size: int, block: int = 64):
+def moe_module(dispatcher: str, experts: int, group_size: int, block: int = MoEConfig.grouped_block):
     cfg = MoEConfig(num_experts=experts, top_k=K, dispatcher=dispatcher, train_capacity_factor=1.25,
                     group_size=group_size, grouped_block=block)
     return lambda: MoE(cfg, D, F, std=0.02, param_dtype="float32", dtype="float32", rngs=nnx.Rngs(0))

@@ -26,7 +26,11 @@ COSMETIC = {
     "train": ("log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "peak_flops",
               "init_from"),  # init_from: a path; what it points to is fingerprinted as an input
     "mix": ("output", "experts", "seed"),  # paths too; their stages are inputs
-}  # the mesh section is never fingerprinted: it changes the layout, not the numbers (up to float rounding)
+    # how the same computation is executed (loop unrolling, rematerialisation, the CPU grouped
+    # matmul's blocks): like the mesh, they change speed and memory, not the numbers (up to float rounding)
+    "model": ("scan_unroll", "remat"),
+    "moe": ("grouped_impl", "grouped_block"),
+}  # the mesh section is never fingerprinted, for the same reason
 
 
 def flatten(tree, prefix: str = "") -> dict:
@@ -54,12 +58,19 @@ def fingerprint(fields: dict, inputs: dict[str, str]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def is_cosmetic(key: str) -> bool:
+    """Whether a flattened field ("section.name") is left out of fingerprints."""
+    section, _, name = key.partition(".")
+    return name in COSMETIC.get(section, ())
+
+
 def only_new_defaults(old: dict, fields: dict, inputs: dict) -> list[str] | None:
     """The fields that `fields` adds to a record's config at their schema defaults, when that is the only
-    difference (None otherwise): a config option added to btx_jax later must not re-run finished work."""
+    difference (None otherwise): a config option added to btx_jax later, or a field declared cosmetic
+    later (recorded, now left out), must not re-run finished work."""
     from btx_jax.config import base_config
 
-    before = old.get("config", {})
+    before = {k: v for k, v in old.get("config", {}).items() if not is_cosmetic(k)}
     if old.get("inputs") != inputs or any(k not in fields or fields[k] != v for k, v in before.items()):
         return None
     defaults = flatten(json.loads(base_config().to_json()))
@@ -130,13 +141,15 @@ class StageStore:
         started = self._read(stage, "fingerprint.json")
         for name, record in (("stage.json", done), ("fingerprint.json", started)):
             added = only_new_defaults(record, fields, input_ids) if record and record.get("fingerprint") != fp else None
-            if added:  # recorded before these fields existed; at their defaults they change nothing
+            if added is not None:  # fields added since (at their defaults) or now cosmetic: nothing changed
                 record.update(fingerprint=fp, config=fields)
                 if distributed.is_main():
                     _write_json(self.path(stage) / name, record)
                 if name == "stage.json" or done is None:
-                    self.out(f"[recipe] {stage}: recorded before {', '.join(added)} existed; at their defaults "
-                             "they change nothing, so the record stands")
+                    why = (f"recorded before {', '.join(added)} existed; at their defaults they change nothing"
+                           if added else "recorded with settings that change only speed or memory, no longer "
+                           "part of its fingerprint")
+                    self.out(f"[recipe] {stage}: {why}, so the record stands")
         stale = None
         if self._forced(stage):
             stale = "recipe.rerun_from asks for it"

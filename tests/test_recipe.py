@@ -273,6 +273,30 @@ def test_a_config_field_added_later_at_its_default_does_not_rerun_a_stage(tmp_pa
     assert os.path.exists(tmp_path / "seed.previous" / "stage.json")
 
 
+def test_execution_settings_do_not_rerun_a_stage(tmp_path):
+    """Loop unrolling, remat and the CPU grouped matmul's blocks change speed and memory, not the numbers:
+    changing them keeps a finished stage (also one recorded when they were still fingerprinted)."""
+    from btx_jax.stages import StageStore, relevant_config
+
+    config = tiny("unused")
+    store = StageStore(str(tmp_path), out=lambda *_: None)
+    assert store.begin("seed", relevant_config(config, ("model", "moe")), []) is None
+    store.finish("seed", {"flops": 1.0})
+    record = json.loads((tmp_path / "seed" / "stage.json").read_text())
+    record["config"].update({"model.scan_unroll": 1, "moe.grouped_block": 128})  # as fingerprinted before
+    record["fingerprint"] = "older"
+    (tmp_path / "seed" / "stage.json").write_text(json.dumps(record))
+    config.model.update(remat="full", scan_unroll=2)
+    config.moe.update(grouped_impl="native", grouped_block=64)
+    fields = relevant_config(config, ("model", "moe"))
+    assert not any(k in fields for k in ("model.remat", "model.scan_unroll", "moe.grouped_impl", "moe.grouped_block"))
+    assert StageStore(str(tmp_path), out=lambda *_: None).status("seed", fields, []) == "done"
+    lines = []
+    assert StageStore(str(tmp_path), out=lines.append).begin("seed", fields, []) is not None
+    assert "change only speed or memory" in lines[0]
+    assert not os.path.exists(tmp_path / "seed.previous")
+
+
 # ------------------------------------------------------------------------------ --plan and --stage
 
 def _plan(config, workdir):

@@ -44,7 +44,7 @@ class MoEConfig:
     balance: str = "aux"
     bias_rate: float = 0.003
     grouped_impl: str = "auto"
-    grouped_block: int = 128
+    grouped_block: int = 256
     masked_experts: str = ""
 
     @property
