@@ -18,7 +18,7 @@ from btx_jax.models import router as router_lib
 from btx_jax.models.moe import MoE
 from btx_jax.state import init_params, make_setup, saved_router_bias
 from helpers import mesh_of, random_batch, tiny_config
-from test_moe import B, D, E, F, K, T, assert_close, get_mesh, inputs, moe_config, numpy_moe, numpy_routing, set_params
+from test_moe import D, E, F, K, assert_close, get_mesh, inputs, moe_config, numpy_moe, numpy_routing, run_moe, set_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -107,23 +107,8 @@ BIAS = np.array([0.08, -0.06, 0.0, 0.04, -0.08, 0.06, 0.02, -0.04], np.float32)
 
 def run_biased(dispatcher: str, mesh_name: str, bias):
     """(y, grads w.r.t. x and the router kernel) of one MoE layer routed with `bias`."""
-    x, seg, params = inputs(0)
-    mesh = get_mesh(mesh_name)
-    with sharding.use_mesh(mesh):
-        model = MoE(moe_config(dispatcher), D, F, std=0.02, param_dtype="float32", dtype="float32", rngs=nnx.Rngs(0))
-        set_params(model, params)
-        graphdef, state = nnx.split(model)
-        state = jax.device_put(state, nnx.get_named_sharding(state, mesh))
-        x = jax.device_put(x, sharding.batch_sharding(mesh, 3))
-        weights = jnp.asarray(np.random.default_rng(99).normal(size=(B, T, D)), jnp.float32)
-
-        def loss(state, x, bias):
-            y, _ = nnx.merge(graphdef, state)(x, jnp.asarray(seg), router_bias=bias)
-            return jnp.sum(y * weights), y
-
-        (_, y), (g_state, g_x) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
-            state, x, None if bias is None else jnp.asarray(bias))
-    return jax.device_get((y, {"x": g_x, "router": nnx.to_pure_dict(g_state)["router"]["kernel"]}))
+    y, _, grads = run_moe(moe_config(dispatcher), mesh_name, bias=bias)
+    return y, {"x": grads["x"], "router": grads["router"]}
 
 
 def numpy_biased_gates(x, params, seg, bias, gate_scores=None):

@@ -14,15 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
 
-from btx_jax import checkpoint, compare, evaluate, intervals, recipe, sharding, state as state_lib, steps, train
+from btx_jax import checkpoint, compare, evaluate, intervals, recipe, state as state_lib, steps, train
 from btx_jax.config import ConfigError, load_config, validate
 from btx_jax.models import router as router_lib
-from btx_jax.models.moe import MoE
 from btx_jax.state import init_params, make_setup
 from helpers import mesh_of, random_batch, tiny_config
-from test_moe import B, D, E, F, T, assert_close, get_mesh, inputs, moe_config, set_params
+from test_moe import E, assert_close, inputs, moe_config, run_moe
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MASKED = 2
@@ -36,26 +34,7 @@ DISPATCHERS = ("reference", "einsum", "alltoall-blocks", "alltoall-native", "dro
 
 def run_layer(cfg, mesh_name: str, params: dict, bias=None):
     """(y, aux, grads w.r.t. x and every parameter) of one MoE layer with the given parameters."""
-    x, seg, _ = inputs(0)
-    mesh = get_mesh(mesh_name)
-    with sharding.use_mesh(mesh):
-        model = MoE(cfg, D, F, std=0.02, param_dtype="float32", dtype="float32", rngs=nnx.Rngs(0))
-        set_params(model, params)
-        graphdef, state = nnx.split(model)
-        state = jax.device_put(state, nnx.get_named_sharding(state, mesh))
-        x = jax.device_put(x, sharding.batch_sharding(mesh, 3))
-        weights = jnp.asarray(np.random.default_rng(99).normal(size=(B, T, D)), jnp.float32)
-
-        def loss(state, x, bias):
-            y, aux = nnx.merge(graphdef, state)(x, jnp.asarray(seg), router_bias=bias)
-            return jnp.sum(y * weights), (y, aux)
-
-        (_, (y, aux)), (g_state, g_x) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
-            state, x, None if bias is None else jnp.asarray(bias))
-    g_state = nnx.to_pure_dict(g_state)
-    grads = {"x": g_x, "router": g_state["router"]["kernel"],
-             **{n: g_state["experts"][n]["kernel"] for n in ("gate", "up", "down")}}
-    return jax.device_get((y, aux, grads))
+    return run_moe(cfg, mesh_name, params=params, bias=bias)
 
 
 def removed(params: dict) -> dict:

@@ -57,9 +57,11 @@ def set_params(model, params):
         getattr(model.experts, name).kernel[...] = params[name]
 
 
-def run_moe(cfg: MoEConfig, mesh_name: str, seed=0, train=False):
-    """(y, aux, grads w.r.t. x and every parameter) of one MoE layer on a mesh."""
-    x, seg, params = inputs(seed)
+def run_moe(cfg: MoEConfig, mesh_name: str, seed=0, train=False, params=None, bias=None):
+    """(y, aux, grads w.r.t. x and every parameter) of one MoE layer on a mesh; `params` replace the
+    inputs' parameters (e.g. a layer with an expert removed), `bias` is the router's selection bias."""
+    x, seg, default_params = inputs(seed)
+    params = default_params if params is None else params
     mesh = get_mesh(mesh_name)
     with sharding.use_mesh(mesh):
         model = MoE(cfg, D, F, std=0.02, param_dtype="float32", dtype="float32", rngs=nnx.Rngs(0))
@@ -70,11 +72,12 @@ def run_moe(cfg: MoEConfig, mesh_name: str, seed=0, train=False):
         x = jax.device_put(x, sharding.batch_sharding(mesh, 3))
         weights = jnp.asarray(np.random.default_rng(99).normal(size=(B, T, D)), jnp.float32)
 
-        def loss(state, x):
-            y, aux = nnx.merge(graphdef, state)(x, jnp.asarray(seg), train=train)
+        def loss(state, x, bias):
+            y, aux = nnx.merge(graphdef, state)(x, jnp.asarray(seg), train=train, router_bias=bias)
             return jnp.sum(y * weights), (y, aux)
 
-        (_, (y, aux)), (g_state, g_x) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(state, x)
+        (_, (y, aux)), (g_state, g_x) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
+            state, x, None if bias is None else jnp.asarray(bias))
     g_state = nnx.to_pure_dict(g_state)
     grads = {"x": g_x, "router": g_state["router"]["kernel"],
              **{n: g_state["experts"][n]["kernel"] for n in ("gate", "up", "down")}}
