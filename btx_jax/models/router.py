@@ -39,6 +39,13 @@ class Routing:
 jax.tree_util.register_dataclass(Routing, data_fields=["experts", "weights", "mask", "probs", "logits"], meta_fields=[])
 
 
+def _kept_experts(num_experts: int, masked: tuple[int, ...]) -> np.ndarray:
+    """[E] bool, False at the masked (opted-out) experts."""
+    keep = np.ones(num_experts, bool)
+    keep[list(masked)] = False
+    return keep
+
+
 def route(x: jax.Array, kernel: jax.Array, mask: jax.Array, *, top_k: int, renormalize: bool,
           jitter: float = 0.0, rng: jax.Array | None = None, bias: jax.Array | None = None,
           masked: tuple[int, ...] = ()) -> Routing:
@@ -62,10 +69,8 @@ def route(x: jax.Array, kernel: jax.Array, mask: jax.Array, *, top_k: int, renor
     if jitter > 0.0:
         x32 = x32 * jax.random.uniform(rng, x32.shape, jnp.float32, 1.0 - jitter, 1.0 + jitter)
     logits = jnp.einsum("gsd,de->gse", x32, kernel.astype(jnp.float32))
-    keep = None
-    if masked:
-        keep = np.ones(logits.shape[-1], bool)
-        keep[list(masked)] = False
+    keep = _kept_experts(logits.shape[-1], masked) if masked else None
+    if keep is not None:
         logits = jnp.where(keep, logits, -jnp.inf)
     probs = jax.nn.softmax(logits, axis=-1)
     if bias is None and keep is None:
@@ -157,11 +162,7 @@ def update_bias(bias: jax.Array, load: jax.Array, rate: float, masked: tuple[int
     `masked` experts (never chosen, load 0) are left out of the mean and keep their bias: counted,
     they would pull the mean below the fair share 1 / (E - masked) of the others.
     """
-    if not masked:
-        mean = jnp.mean(load, axis=-1, keepdims=True)
-        return bias + rate * jnp.sign(mean - load).astype(bias.dtype)
-    keep = np.ones(load.shape[-1], bool)
-    keep[list(masked)] = False
+    keep = _kept_experts(load.shape[-1], masked)
     mean = jnp.sum(jnp.where(keep, load, 0.0), axis=-1, keepdims=True) / keep.sum()
     return bias + rate * jnp.where(keep, jnp.sign(mean - load), 0.0).astype(bias.dtype)
 
