@@ -1,6 +1,7 @@
 """Model FLOPs per token (for MFU and compute accounting) and the hardware peak to divide by."""
 from __future__ import annotations
 
+import functools
 import time
 
 import jax
@@ -28,8 +29,10 @@ def train_flops_per_token(m, seq_len: int, moe=None) -> float:
     return 6.0 * matmul_params(m, moe) + 6.0 * m.num_layers * m.num_heads * m.head_dim * seq_len
 
 
+@functools.cache
 def measure_matmul_flops(n: int = 2048, repeats: int = 10) -> float:
-    """Best-of-`repeats` f32 n x n matmul FLOP/s on the first device, after a warm-up."""
+    """Best-of-`repeats` f32 n x n matmul FLOP/s on the first device, after a warm-up; measured once per
+    process (~1 s on 2 CPU cores), not once per training run (a recipe trains a dozen stages)."""
     device = jax.devices()[0]
     a = jax.device_put(jax.random.normal(jax.random.key(0), (n, n), jnp.float32), device)
     b = jax.device_put(jax.random.normal(jax.random.key(1), (n, n), jnp.float32), device)

@@ -343,9 +343,21 @@ def test_bfloat16_compute_close_to_float32():
     assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.9
 
 
-def test_causal_attention_skipping_hidden_blocks_equals_full_attention():
-    """Query block i attends to keys [0, (i+1) * block) only; on packed rows (several documents and
-    padding) with GQA this equals masked attention over all keys."""
+def _numpy_attention(q, k, v, mask):
+    """float64 reference: softmax(q k^T / sqrt(Dh), masked) v for each query head, K/V repeated per group."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    group = q.shape[2] // k.shape[2]
+    k, v = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
+    scores = np.where(np.asarray(mask), np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(q.shape[-1]), -np.inf)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    return np.einsum("bhts,bshd->bthd", weights / weights.sum(-1, keepdims=True), v)
+
+
+def test_causal_attention_matches_numpy_and_its_gradient_matches_xla_attention():
+    """`causal_attention` (query block i attends to keys [0, (i+1) * block) only; the softmax's
+    normalisation applied to the output) on packed rows (several documents and padding) with GQA:
+    equal to float64 numpy masked attention over all keys, and its gradient to that of
+    ``jax.nn.dot_product_attention``, for several blocks and none (64 % 48)."""
     from btx_jax.models.transformer import attention_mask, causal_attention
 
     rng = np.random.default_rng(0)
@@ -355,7 +367,15 @@ def test_causal_attention_skipping_hidden_blocks_equals_full_attention():
     segment_ids[0, :20], segment_ids[0, 20:50] = 1, 2  # two documents, then padding
     segment_ids[1, :] = 1
     mask = attention_mask(jnp.asarray(segment_ids))[:, 0]
-    full = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
-    for block in (8, 16, 32):
-        np.testing.assert_allclose(causal_attention(q, k, v, mask, block=block), full, atol=1e-6)
-    np.testing.assert_array_equal(causal_attention(q, k, v, mask, block=48), full)  # 64 % 48: no blocks
+    cotangent = jnp.asarray(rng.normal(size=(b, t, h, dh)), jnp.float32)
+    want = _numpy_attention(q, k, v, mask)
+
+    def grads(attention):
+        return jax.grad(lambda q, k, v: jnp.sum(attention(q, k, v) * cotangent), argnums=(0, 1, 2))(q, k, v)
+
+    want_grads = grads(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla"))
+    for block in (8, 16, 32, 48):
+        np.testing.assert_allclose(causal_attention(q, k, v, mask, block=block), want, atol=2e-6)
+        got_grads = grads(lambda q, k, v: causal_attention(q, k, v, mask, block=block))
+        for got, expected in zip(got_grads, want_grads):
+            np.testing.assert_allclose(got, expected, atol=2e-5)
