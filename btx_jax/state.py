@@ -16,10 +16,13 @@ part of the model: the optimizer is then an ``optax.multi_transform`` whose froz
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from etils import epath
@@ -36,11 +39,26 @@ def build_model(config, seed: int = 0) -> Transformer:
     return Transformer(TransformerConfig.from_config(config.model, config.get("moe")), nnx.Rngs(seed))
 
 
-def schedule(optim_config, steps: int) -> optax.Schedule:
-    """Linear warmup to lr (the first step already moves), then cosine decay to lr * min_lr_ratio."""
-    return optax.warmup_cosine_decay_schedule(
-        init_value=optim_config.lr / (optim_config.warmup_steps + 1), peak_value=optim_config.lr, warmup_steps=optim_config.warmup_steps,
-        decay_steps=steps, end_value=optim_config.lr * optim_config.min_lr_ratio)
+def schedule_numbers(optim_config, steps: int) -> np.ndarray:
+    """[lr, warmup_steps, steps, min_lr_ratio] as float32: everything the schedule depends on. The train step
+    takes them as an input rather than as constants compiled into it, so stages that differ only in length
+    or learning rate (a recipe's seed, branches and baselines; most tests) share one compiled step."""
+    return np.asarray([optim_config.lr, optim_config.warmup_steps, steps, optim_config.min_lr_ratio], np.float32)
+
+
+def schedule(numbers) -> optax.Schedule:
+    """Linear warmup from lr / (warmup + 1) to lr (the first step already moves), then cosine decay to
+    lr * min_lr_ratio at `steps`: ``optax.warmup_cosine_decay_schedule`` in array arithmetic, so that
+    `numbers` (:func:`schedule_numbers`) may be traced."""
+    lr, warmup, total, min_ratio = (numbers[i] for i in range(4))
+
+    def at(count):
+        count = jnp.asarray(count, jnp.float32)
+        warming = (lr / (warmup + 1) - lr) * (1 - jnp.clip(count, 0, warmup) / jnp.maximum(warmup, 1)) + lr
+        cosine = 0.5 * (1 + jnp.cos(jnp.pi * jnp.minimum(count - warmup, total - warmup) / (total - warmup)))
+        return jnp.where(count < warmup, warming, lr * ((1 - min_ratio) * cosine + min_ratio))
+
+    return at
 
 
 def _decay_mask(params):
@@ -68,12 +86,12 @@ def trainable_mask(params, pattern: str) -> dict | None:
     return mask
 
 
-def optimizer(optim_config, steps: int, trainable: dict | None = None) -> optax.GradientTransformation:
+def optimizer(optim_config, learning_rate: optax.Schedule, trainable: dict | None = None) -> optax.GradientTransformation:
     """Clipped AdamW; with a `trainable` mask (see :func:`trainable_mask`) only on the True leaves, the
     others frozen by ``set_to_zero`` (so they hold no optimizer state and the clipping norm skips them)."""
     tx = optax.chain(
         optax.clip_by_global_norm(optim_config.grad_clip),
-        optax.adamw(schedule(optim_config, steps), b1=optim_config.b1, b2=optim_config.b2,
+        optax.adamw(learning_rate, b1=optim_config.b1, b2=optim_config.b2,
                     eps=optim_config.eps, weight_decay=optim_config.weight_decay, mask=_decay_mask))
     if trainable is None:
         return tx
@@ -86,12 +104,18 @@ class TrainSetup:
     """Everything the step functions need that is not an array."""
 
     graphdef: nnx.GraphDef
-    tx: optax.GradientTransformation
+    make_tx: Callable[[optax.Schedule], optax.GradientTransformation]  # the optimizer for a learning-rate schedule
+    schedule_numbers: np.ndarray  # this run's schedule (see schedule_numbers), an input of the train step
     mesh: Mesh
     abstract_params: dict  # ShapeDtypeStruct leaves carrying their NamedSharding
     state_shardings: dict
     router_bias_shape: tuple[int, int] | None = None  # (L_moe, E) with moe.balance="bias", else None
     trainable: dict | None = None  # params-like tree of bools with train.trainable (True: trained), else None
+
+    @property
+    def tx(self) -> optax.GradientTransformation:
+        """The optimizer with this run's schedule as constants (its state's structure is the same for any schedule)."""
+        return self.make_tx(schedule(self.schedule_numbers))
 
     def abstract_state(self) -> dict:
         """ShapeDtypeStructs with shardings: targets for restoring onto this mesh."""
@@ -118,7 +142,9 @@ def make_setup(config, mesh: Mesh) -> TrainSetup:
     abstract_params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                    nnx.to_pure_dict(abs_state), param_shardings)
     trainable = trainable_mask(abstract_params, config.train.get("trainable", ""))
-    tx = optimizer(config.optim, config.train.steps, trainable)
+    make_tx = functools.partial(optimizer, config.optim, trainable=trainable)
+    numbers = schedule_numbers(config.optim, config.train.steps)
+    tx = make_tx(schedule(numbers))
     opt_shardings = optax.tree_map_params(  # a frozen param's place in the state is an empty MaskedNode: kept
         tx, lambda v, s: v if isinstance(v, optax.MaskedNode) else s, jax.eval_shape(tx.init, abstract_params),
         param_shardings, transform_non_params=lambda _: NamedSharding(mesh, P()),
@@ -127,7 +153,7 @@ def make_setup(config, mesh: Mesh) -> TrainSetup:
     bias_shape = router_bias_shape(config)
     if bias_shape is not None:
         state_shardings["router_bias"] = NamedSharding(mesh, P())
-    return TrainSetup(graphdef, tx, mesh, abstract_params, state_shardings, bias_shape, trainable)
+    return TrainSetup(graphdef, make_tx, numbers, mesh, abstract_params, state_shardings, bias_shape, trainable)
 
 
 def router_bias_shape(config) -> tuple[int, int] | None:

@@ -11,8 +11,9 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from btx_jax import sharding
+from btx_jax import sharding, state as state_lib
 from btx_jax.models import router
 from btx_jax.models.moe import masked_indices
 from btx_jax.state import TrainSetup
@@ -160,11 +161,12 @@ def make_train_step(setup: TrainSetup, batch_shardings: dict, config):
     grad_fn = jax.value_and_grad(make_loss_fn(setup.graphdef, config), has_aux=True)
     count = config.train.get("grad_accum", 1)
 
-    def train_step(state, batch):
+    def train_step(state, batch, schedule_numbers):
         rng = jax.random.fold_in(base_key, state["step"])
         bias = state.get("router_bias")
         grads, metrics = accumulate(grad_fn, state["params"], batch, rng, count, setup.state_shardings["params"], bias)
-        updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"])
+        tx = setup.make_tx(state_lib.schedule(schedule_numbers))
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics["grad_norm"] = grad_norm(grads, setup.trainable)
         new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
@@ -173,9 +175,16 @@ def make_train_step(setup: TrainSetup, batch_shardings: dict, config):
                                                           masked_indices(config.moe.get("masked_experts", "")))
         return new_state, balance_metrics(metrics, bias)
 
-    jitted = jax.jit(train_step, in_shardings=(setup.state_shardings, batch_shardings),
-                     out_shardings=(setup.state_shardings, None), donate_argnums=0)
-    return _under_mesh(jitted, setup.mesh)
+    replicated = NamedSharding(setup.mesh, P())
+    jitted = _under_mesh(jax.jit(train_step, in_shardings=(setup.state_shardings, batch_shardings, replicated),
+                                 out_shardings=(setup.state_shardings, None), donate_argnums=0), setup.mesh)
+    numbers = jax.device_put(setup.schedule_numbers, replicated)
+
+    def step(state, batch):
+        return jitted(state, batch, numbers)
+
+    step.lower = lambda state, batch: jitted.lower(state, batch, numbers)
+    return step
 
 
 def grad_norm(grads, trainable=None) -> jax.Array:

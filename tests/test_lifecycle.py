@@ -178,12 +178,13 @@ def moe_train_config(**train_overrides):
     return config
 
 
-def train_steps(config, count: int, mesh=None, tx=None):
-    """(initial params, final state, [loss per step], [metrics per step]) of `count` steps on one fixed batch."""
+def train_steps(config, count: int, mesh=None, make_tx=None):
+    """(initial params, final state, [loss per step], [metrics per step]) of `count` steps on one fixed batch;
+    `make_tx`: another optimizer (a function of the learning-rate schedule)."""
     mesh = mesh or mesh_of(data=4, expert=2)
     setup = make_setup(config, mesh)
-    if tx is not None:
-        setup = dataclasses.replace(setup, tx=tx)
+    if make_tx is not None:
+        setup = dataclasses.replace(setup, make_tx=make_tx)
     params = init_params(config, setup, seed=0)
     initial = jax.device_get(params)
     state = setup.init_state(params)
@@ -240,11 +241,11 @@ def test_empty_trainable_changes_nothing():
     as a config that has no trainable field at all."""
     config = moe_train_config(trainable="")
     o = config.optim
-    plain = optax.chain(optax.clip_by_global_norm(o.grad_clip), optax.adamw(
-        state_lib.schedule(o, config.train.steps), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-        mask=state_lib._decay_mask))
+    def plain(learning_rate):
+        return optax.chain(optax.clip_by_global_norm(o.grad_clip), optax.adamw(
+            learning_rate, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=state_lib._decay_mask))
     _, got, _, got_metrics = train_steps(config, 1)
-    _, want, _, want_metrics = train_steps(config, 1, tx=plain)
+    _, want, _, want_metrics = train_steps(config, 1, make_tx=plain)
     legacy = moe_train_config()
     del legacy.train["trainable"]
     _, old, _, _ = train_steps(legacy, 1)

@@ -160,6 +160,47 @@ def test_init_from_loads_params_with_a_fresh_optimizer(demo_data_dir, tmp_path, 
     assert 0 < max(moved) < 0.05  # one small step away from the seed, not from a random init
 
 
+@pytest.mark.parametrize("lr, warmup, steps, min_ratio", [(3e-3, 50, 300, 0.1), (1e-3, 0, 10, 0.0), (1e-3, 1, 3, 0.5),
+                                                        (2e-4, 10, 11, 1.0)])
+def test_schedule_is_optax_warmup_cosine_also_when_traced(lr, warmup, steps, min_ratio):
+    """state.schedule (its numbers a train-step input) equals optax.warmup_cosine_decay_schedule with the
+    same settings at every step and past the end, evaluated on the host and inside jit."""
+    import optax
+    from ml_collections import ConfigDict
+
+    from btx_jax.state import schedule, schedule_numbers
+
+    numbers = schedule_numbers(ConfigDict({"lr": lr, "warmup_steps": warmup, "min_lr_ratio": min_ratio}), steps)
+    want = optax.warmup_cosine_decay_schedule(init_value=lr / (warmup + 1), peak_value=lr, warmup_steps=warmup,
+                                              decay_steps=steps, end_value=lr * min_ratio)
+    counts = np.arange(steps + 5)
+    traced = jax.jit(jax.vmap(lambda n, c: schedule(n)(c), in_axes=(None, 0)))(numbers, counts)
+    np.testing.assert_allclose([float(schedule(numbers)(c)) for c in counts], [float(want(c)) for c in counts],
+                               rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(traced, [float(want(c)) for c in counts], rtol=1e-6, atol=1e-12)
+
+
+def test_runs_that_differ_only_in_schedule_share_one_compiled_step():
+    """Length, learning rate and warmup are inputs of the train step, not constants in it: a recipe's stages
+    (and tests) of other lengths reuse the compiled program. A real difference (z-loss) still changes it."""
+    from btx_jax import steps as steps_lib
+    from helpers import random_batch, tiny_config
+
+    def program(**optim):
+        config = tiny_config()
+        config.optim.update(**{k: v for k, v in optim.items() if k != "steps"})
+        config.train.steps = optim.get("steps", config.train.steps)
+        mesh = mesh_of(jax.devices()[:2])
+        setup = make_setup(config, mesh)
+        shardings = steps_lib.batch_shardings(mesh)
+        step = steps_lib.make_train_step(setup, shardings, config)
+        return step.lower(setup.abstract_state(), steps_lib.to_global(random_batch(config), shardings)).as_text()
+
+    base = program()
+    assert program(steps=77, lr=1e-4, warmup_steps=7, min_lr_ratio=0.5) == base
+    assert program(z_loss=1e-3) != base
+
+
 def test_cross_entropy_and_its_hand_written_gradient_match_numpy():
     """lm_loss (token_nll's custom VJP) against the analytic loss and gradient in float64 numpy:
     d/dlogits = (softmax - one_hot(target) + 2 z log Z softmax) * mask / tokens."""
