@@ -53,10 +53,12 @@ def schedule(numbers) -> optax.Schedule:
     lr, warmup, total, min_ratio = (numbers[i] for i in range(4))
 
     def at(count):
-        count = jnp.asarray(count, jnp.float32)
-        warming = (lr / (warmup + 1) - lr) * (1 - jnp.clip(count, 0, warmup) / jnp.maximum(warmup, 1)) + lr
-        cosine = 0.5 * (1 + jnp.cos(jnp.pi * jnp.minimum(count - warmup, total - warmup) / (total - warmup)))
-        return jnp.where(count < warmup, warming, lr * ((1 - min_ratio) * cosine + min_ratio))
+        on_host = isinstance(numbers, np.ndarray) and not isinstance(count, jax.Array)
+        xp = np if on_host else jnp  # on the host (logging) numpy: no op to compile
+        count = xp.asarray(count, xp.float32)
+        warming = (lr / (warmup + 1) - lr) * (1 - xp.clip(count, 0, warmup) / xp.maximum(warmup, 1)) + lr
+        cosine = 0.5 * (1 + xp.cos(xp.pi * xp.minimum(count - warmup, total - warmup) / (total - warmup)))
+        return xp.where(count < warmup, warming, lr * ((1 - min_ratio) * cosine + min_ratio))
 
     return at
 
