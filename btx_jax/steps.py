@@ -156,6 +156,8 @@ def make_train_step(setup: TrainSetup, batch_shardings: dict, config):
     :func:`make_loss_fn` for the router losses). Metrics are scalars, except ``moe/*`` entries:
     per MoE layer [L_moe] (``expert_usage`` [L_moe, E]; see :func:`balance_metrics`). With a
     ``router_bias`` in the state (moe.balance="bias") the bias is updated from the step's load.
+    The learning-rate schedule's numbers (``setup.schedule_numbers``) are an input of the compiled
+    step, so runs that differ only in length or learning rate reuse one program.
     """
     base_key = jax.random.key(config.train.seed)
     grad_fn = jax.value_and_grad(make_loss_fn(setup.graphdef, config), has_aux=True)

@@ -23,7 +23,7 @@ from btx_jax.data.tokenizer import make_tokenizer
 from btx_jax.flops import job_peak_flops, matmul_params, train_flops_per_token
 from btx_jax.metrics import MetricsWriter
 from btx_jax.data.datasets import DataError
-from btx_jax.state import TrainSetup, checkpoint_state_keys, init_params, make_setup, param_count, schedule, schedule_numbers
+from btx_jax.state import TrainSetup, checkpoint_state_keys, init_params, make_setup, param_count, schedule
 
 # Errors caused by the user's input: printed as one clear message, exit status 2.
 USER_ERRORS = (config_lib.ConfigError, DataError, checkpoint.CheckpointError)
@@ -214,7 +214,7 @@ def run(config, workdir: str) -> dict:
     writer.text("config", "<pre>" + config.to_json_best_effort(indent=2) + "</pre>")
     train_step = steps.make_train_step(setup, shardings, config)
     eval_step = steps.make_eval_step(setup, shardings)
-    lr_at, total = schedule(schedule_numbers(config.optim, config.train.steps)), config.train.steps
+    lr_at, total = schedule(setup.schedule_numbers), config.train.steps
     stop, throughput, pending, eval_metrics = StopRequested(), Throughput(config, total, step), [], {}
     try:
         while step < total and stop.signum is None:

@@ -147,9 +147,10 @@ _MASKED = float(jnp.finfo(jnp.float32).min)
 
 def attend(q, k, v, mask):
     """Grouped-query attention (q [B, T, H, Dh], k/v [B, S, K, Dh], mask [B, 1, T, S]) with the softmax's
-    normalisation applied to the output: out = (exp(s - max) @ v) / sum(exp(s - max)). Dividing the
-    [B, T, H, Dh] output instead of the [B, H, T, S] probabilities takes one pass over the largest
-    tensor out of the forward and two out of its gradient; K/V are never copied per query head.
+    normalisation applied to the output: out = (exp(s - max) @ v) / sum(exp(s - max)), dividing the
+    [B, T, H, Dh] output instead of the [B, H, T, S] probabilities. The einsums keep each K/V head
+    shared by its group of query heads without copies; on CPU this is twice as fast as
+    ``jax.nn.dot_product_attention`` (fwd+bwd at the demo's shape, see README "Benchmark").
     Scores and softmax in float32; every query row must see at least one key (the causal diagonal)."""
     b, t, h, dh = q.shape
     kv_heads = k.shape[2]
