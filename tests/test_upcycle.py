@@ -8,7 +8,7 @@ import pytest
 from etils import epath
 
 from btx_jax import config as config_lib, graph, mix
-from btx_jax.mix import stream
+from btx_jax.mix import tile_math
 from btx_jax.mix.plan import MixError
 from helpers import tiny_config
 from test_mix import dense_params, load_merged, write_checkpoint
@@ -61,7 +61,7 @@ def test_drop_reinitializes_ratio_of_dims_consistently(dropped):
         for e in range(E):
             gate, up = experts["gate"]["kernel"][layer, e], experts["up"]["kernel"][layer, e]  # [D, F]
             down = experts["down"]["kernel"][layer, e]  # [F, D]
-            want = stream.drop_indices(config.mix.noise_seed, layer, e, width, 0.5)
+            want = tile_math.drop_indices(config.mix.noise_seed, layer, e, width, 0.5)
             assert want.size == k
             np.testing.assert_array_equal(dropped_dims(gate, mlp["gate"]["kernel"][layer], 1), want)
             np.testing.assert_array_equal(dropped_dims(up, mlp["up"]["kernel"][layer], 1), want)
@@ -89,7 +89,7 @@ def test_dropped_values_follow_the_original_statistics(dropped):
             original = mlp[name]["kernel"][layer].astype(np.float64)
             drawn = []
             for e in range(E):
-                dims = stream.drop_indices(config.mix.noise_seed, layer, e, width, 0.5)
+                dims = tile_math.drop_indices(config.mix.noise_seed, layer, e, width, 0.5)
                 kernel = experts[name]["kernel"][layer, e]
                 drawn.append(kernel[dims] if name == "down" else kernel[:, dims].T)
             values = np.stack(drawn).astype(np.float64)  # [E, r*F, D]: 4 x 64 x 64 values
@@ -131,8 +131,8 @@ def test_stats_of_a_split_matrix_equal_the_whole():
     whole-matrix result (values drawn per element, not per tile)."""
     rng = np.random.default_rng(0)
     x = rng.normal(0.1, 0.5, (2, 16, 40)).astype(np.float32)
-    s, q, n = stream.row_moments(x)
-    parts = [stream.row_moments(x[:, :, a:a + 8]) for a in range(0, 40, 8)]
+    s, q, n = tile_math.row_moments(x)
+    parts = [tile_math.row_moments(x[:, :, a:a + 8]) for a in range(0, 40, 8)]
     np.testing.assert_allclose(sum(p[0] for p in parts), s, rtol=1e-10)
     np.testing.assert_allclose(sum(p[1] for p in parts), q, rtol=1e-10)
     assert sum(p[2] for p in parts) == n == 16 * 40
@@ -145,18 +145,18 @@ def test_stats_of_a_split_matrix_equal_the_whole():
         m = ConfigDict(dict(noise_seed=1, drop_ratio=0.25))
         stats = (np.array([0.0, 1.0]), np.array([1.0, 2.0]))
         full = tuple(slice(0, n) for n in shape)
-        whole = stream.with_drop(src, plan, full, 1, 2, m, stats)
+        whole = tile_math.with_drop(src, plan, full, 1, 2, m, stats)
         box = (slice(1, 2), *(slice(4, 12) if n == 16 else slice(8, 24) for n in shape[1:]))
-        np.testing.assert_array_equal(stream.with_drop(src[box], plan, box, 1, 2, m, stats), whole[box])
+        np.testing.assert_array_equal(tile_math.with_drop(src[box], plan, box, 1, 2, m, stats), whole[box])
 
 
 def test_hashed_normal_is_standard_normal():
-    z = stream.hashed_normal(12345, np.arange(200_000, dtype=np.uint64)).astype(np.float64)
+    z = tile_math.hashed_normal(12345, np.arange(200_000, dtype=np.uint64)).astype(np.float64)
     assert abs(z.mean()) < 0.01 and abs(z.std() - 1) < 0.01
     assert abs(np.mean(z ** 4) - 3) < 0.05
-    np.testing.assert_array_equal(stream.hashed_normal(12345, np.arange(100, 200, dtype=np.uint64)), z[100:200]
+    np.testing.assert_array_equal(tile_math.hashed_normal(12345, np.arange(100, 200, dtype=np.uint64)), z[100:200]
                                   .astype(np.float32))
-    assert not np.array_equal(stream.hashed_normal(1, np.arange(10, dtype=np.uint64)), z[:10].astype(np.float32))
+    assert not np.array_equal(tile_math.hashed_normal(1, np.arange(10, dtype=np.uint64)), z[:10].astype(np.float32))
 
 
 def test_copy_and_noise_keep_their_meaning(seed, tmp_path):
