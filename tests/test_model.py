@@ -343,21 +343,38 @@ def test_bfloat16_compute_close_to_float32():
     assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.9
 
 
-def _numpy_attention(q, k, v, mask):
-    """float64 reference: softmax(q k^T / sqrt(Dh), masked) v for each query head, K/V repeated per group."""
+def _numpy_attention(q, k, v, mask, cotangent=None):
+    """float64 reference: softmax(q k^T / sqrt(Dh), masked) v for each query head, K/V repeated per group;
+    with `cotangent` (dL/dout) also (dL/dq, dL/dk, dL/dv) by the analytic softmax gradient
+    dS = P * (dP - rowsum(dP * P)), the K/V gradients summed over each group's query heads."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
-    group = q.shape[2] // k.shape[2]
+    kv_heads = k.shape[2]
+    group = q.shape[2] // kv_heads
     k, v = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
-    scores = np.where(np.asarray(mask), np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(q.shape[-1]), -np.inf)
+    scale = 1 / np.sqrt(q.shape[-1])
+    scores = np.where(np.asarray(mask), np.einsum("bthd,bshd->bhts", q, k) * scale, -np.inf)
     weights = np.exp(scores - scores.max(-1, keepdims=True))
-    return np.einsum("bhts,bshd->bthd", weights / weights.sum(-1, keepdims=True), v)
+    probs = weights / weights.sum(-1, keepdims=True)
+    out = np.einsum("bhts,bshd->bthd", probs, v)
+    if cotangent is None:
+        return out
+    d_out = np.asarray(cotangent, np.float64)
+    d_probs = np.einsum("bthd,bshd->bhts", d_out, v)
+    d_scores = probs * (d_probs - (d_probs * probs).sum(-1, keepdims=True))
+    dq = np.einsum("bhts,bshd->bthd", d_scores, k) * scale
+    dk = np.einsum("bhts,bthd->bshd", d_scores, q) * scale
+    dv = np.einsum("bhts,bthd->bshd", probs, d_out)
+    b, t = dk.shape[:2]
+    per_group = (b, t, kv_heads, group, dk.shape[-1])
+    return out, (dq, dk.reshape(per_group).sum(3), dv.reshape(per_group).sum(3))
 
 
-def test_causal_attention_matches_numpy_and_its_gradient_matches_xla_attention():
+def test_causal_attention_and_its_gradient_match_numpy():
     """`causal_attention` (query block i attends to keys [0, (i+1) * block) only; the softmax's
     normalisation applied to the output) on packed rows (several documents and padding) with GQA:
-    equal to float64 numpy masked attention over all keys, and its gradient to that of
-    ``jax.nn.dot_product_attention``, for several blocks and none (64 % 48)."""
+    equal to float64 numpy masked attention over all keys, and so is its gradient (the analytic softmax
+    gradient in numpy; ``jax.nn.dot_product_attention``'s as a second reference), for several blocks
+    and none (64 % 48)."""
     from btx_jax.models.transformer import attention_mask, causal_attention
 
     rng = np.random.default_rng(0)
@@ -368,7 +385,7 @@ def test_causal_attention_matches_numpy_and_its_gradient_matches_xla_attention()
     segment_ids[1, :] = 1
     mask = attention_mask(jnp.asarray(segment_ids))[:, 0]
     cotangent = jnp.asarray(rng.normal(size=(b, t, h, dh)), jnp.float32)
-    want = _numpy_attention(q, k, v, mask)
+    want, numpy_grads = _numpy_attention(q, k, v, mask, cotangent)
 
     def output_and_grads(attention):
         def weighted_sum(q, k, v):
@@ -377,9 +394,11 @@ def test_causal_attention_matches_numpy_and_its_gradient_matches_xla_attention()
         grads, out = jax.jit(jax.grad(weighted_sum, argnums=(0, 1, 2), has_aux=True))(q, k, v)
         return out, grads
 
-    _, want_grads = output_and_grads(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla"))
+    _, xla_grads = output_and_grads(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla"))
+    for xla, expected in zip(xla_grads, numpy_grads):  # the reference itself agrees with the analytic gradient
+        np.testing.assert_allclose(xla, expected, atol=2e-5)
     for block in (8, 16, 32, 48):
         out, got_grads = output_and_grads(lambda q, k, v: causal_attention(q, k, v, mask, block=block))
         np.testing.assert_allclose(out, want, atol=2e-6)
-        for got, expected in zip(got_grads, want_grads):
+        for got, expected in zip(got_grads, numpy_grads):
             np.testing.assert_allclose(got, expected, atol=2e-5)
