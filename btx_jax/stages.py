@@ -43,25 +43,24 @@ def flatten(tree, prefix: str = "") -> dict:
     return out
 
 
+def is_cosmetic(key: str) -> bool:
+    """Whether a flattened field ("section.name") is left out of fingerprints."""
+    section, _, name = key.partition(".")
+    return name in COSMETIC.get(section, ())
+
+
 def relevant_config(config, sections: tuple[str, ...]) -> dict:
     """The flattened fields of `sections` that decide a stage's result."""
     tree = json.loads(config.to_json())
     kept = {}
     for section in sections:
-        fields = {k: v for k, v in tree[section].items() if k not in COSMETIC.get(section, ())}
-        kept.update(flatten(fields, f"{section}."))
+        kept.update({k: v for k, v in flatten(tree[section], f"{section}.").items() if not is_cosmetic(k)})
     return kept
 
 
 def fingerprint(fields: dict, inputs: dict[str, str]) -> str:
     blob = json.dumps({"config": fields, "inputs": inputs}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def is_cosmetic(key: str) -> bool:
-    """Whether a flattened field ("section.name") is left out of fingerprints."""
-    section, _, name = key.partition(".")
-    return name in COSMETIC.get(section, ())
 
 
 def only_new_defaults(old: dict, fields: dict, inputs: dict) -> list[str] | None:

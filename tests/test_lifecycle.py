@@ -32,11 +32,6 @@ DISPATCHERS = ("reference", "einsum", "alltoall-blocks", "alltoall-native", "dro
 
 # ------------------------------------------------------------------------------ 1. masking experts
 
-def run_layer(cfg, mesh_name: str, params: dict, bias=None):
-    """(y, aux, grads w.r.t. x and every parameter) of one MoE layer with the given parameters."""
-    return run_moe(cfg, mesh_name, params=params, bias=bias)
-
-
 def removed(params: dict) -> dict:
     """The same layer without expert MASKED: its router column and expert weights dropped (E - 1 experts)."""
     return {"router": params["router"][:, KEEP], **{n: params[n][KEEP] for n in ("gate", "up", "down")}}
@@ -46,12 +41,12 @@ def removed(params: dict) -> dict:
 def without_expert(capacity_factor: float, biased: bool):
     """The E - 1 expert layer, loop-over-experts reference, one device."""
     cfg = dataclasses.replace(moe_config("reference", capacity_factor), num_experts=E - 1)
-    return run_layer(cfg, "1", removed(inputs(0)[2]), BIAS[KEEP] if biased else None)
+    return run_moe(cfg, "1", params=removed(inputs(0)[2]), bias=BIAS[KEEP] if biased else None)
 
 
 def check_masked_equals_removed(dispatcher: str, mesh_name: str, capacity_factor: float = 8.0, biased: bool = False):
     cfg = dataclasses.replace(moe_config(dispatcher, capacity_factor), masked_experts=str(MASKED))
-    y, aux, grads = run_layer(cfg, mesh_name, inputs(0)[2], BIAS if biased else None)
+    y, aux, grads = run_moe(cfg, mesh_name, bias=BIAS if biased else None)
     y_ref, aux_ref, grads_ref = without_expert(capacity_factor, biased)
     assert_close(y, y_ref)
     assert_close(grads["x"], grads_ref["x"])
@@ -288,17 +283,11 @@ def test_a_partly_trained_run_checkpoints_and_resumes(demo_data_dir, tmp_path):
 
 # ------------------------------------------------------------------------------ 3. the opt-out table
 
-@pytest.fixture(scope="module")
-def finished(tiny_recipe_run):
-    """The tests' shared tiny recipe run (conftest.py), whose report has the opt-out table."""
-    return tiny_recipe_run
-
-
 @pytest.mark.xdist_group("recipe")
-def test_opt_out_table(finished):
+def test_opt_out_table(tiny_recipe_run):
     """One row per expert (named by its domain, the seed's FFN last), every eval domain, each a perplexity, its
     change against the full BTX and the paired interval of the change; masking changes the scores."""
-    config, workdir, results, _ = finished
+    config, workdir, results, _ = tiny_recipe_run  # conftest.py: its report has the opt-out table
     opt_out = results["opt_out"]
     assert list(opt_out) == ["code", "math", "prose", "seed"]
     btx = next(r for r in results["models"] if r["model"] == "BTX")
@@ -320,10 +309,10 @@ def test_opt_out_table(finished):
 
 
 @pytest.mark.xdist_group("recipe")
-def test_nothing_masked_is_the_btx_model(finished):
+def test_nothing_masked_is_the_btx_model(tiny_recipe_run):
     """Scored with an empty mask, the BTX model gives the report's BTX scores document by document, so its
     paired change is 0 with the interval (0, 0); and one masked expert gives the opt-out row."""
-    config, workdir, results, _ = finished
+    config, workdir, results, _ = tiny_recipe_run  # conftest.py: its report has the opt-out table
     run = recipe.Recipe(config, str(workdir))
     run.check_finished([s.name for s in run.stages()], "the test")
     btx = next(m for m in run.models() if m["name"] == "BTX")
