@@ -5,6 +5,11 @@ process would otherwise compile the same train step again; the cache keeps each 
 program on disk, keyed by the program, the jax version and the backend. Directory:
 ``$BTX_JAX_COMPILATION_CACHE`` if set (``off`` disables it), else ``$XDG_CACHE_HOME/btx_jax/jax``
 (``~/.cache/btx_jax/jax``). Programs that compile in under 0.2 s are not worth a file.
+
+Not in a multi-process job on CPU (:func:`off_for_cpu_jobs`): there, a train step that crosses
+processes and was loaded from the cache by both processes hung in its first collective (two
+processes resuming a run whose first launch had filled the cache, tests/test_multiprocess.py);
+compiled afresh, it runs. TPU and GPU jobs keep the cache.
 """
 from __future__ import annotations
 
@@ -34,3 +39,11 @@ def enable(directory: str | None = None) -> str | None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return directory
+
+
+def off_for_cpu_jobs(tag: str) -> None:
+    """Turns the cache off in a multi-process job on the CPU backend (see the module docstring); call it
+    after joining the job and before the first compile (JAX decides at the first compile)."""
+    if jax.process_count() > 1 and jax.default_backend() == "cpu" and jax.config.jax_enable_compilation_cache:
+        jax.config.update("jax_enable_compilation_cache", False)
+        print(f"{tag} compilation cache off: a multi-process job on CPU compiles its programs afresh", flush=True)

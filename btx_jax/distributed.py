@@ -17,6 +17,8 @@ import os
 import jax
 from absl import flags
 
+from btx_jax import compilation_cache
+
 _FLAGS: dict = {}
 
 
@@ -58,6 +60,7 @@ def initialize(tag: str = "[jax]") -> None:
     jax.distributed.initialize(**args)
     print(f"{tag} process {jax.process_index()} of {jax.process_count()}: "
           f"{jax.local_device_count()} local / {jax.device_count()} devices", flush=True)
+    compilation_cache.off_for_cpu_jobs(tag)
 
 
 def is_main() -> bool:
