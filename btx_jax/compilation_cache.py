@@ -7,9 +7,10 @@ program on disk, keyed by the program, the jax version and the backend. Director
 (``~/.cache/btx_jax/jax``). Programs that compile in under 0.2 s are not worth a file.
 
 Not in a multi-process job on CPU (:func:`off_for_cpu_jobs`): there, a train step that crosses
-processes and was loaded from the cache by both processes hung in its first collective (two
-processes resuming a run whose first launch had filled the cache, tests/test_multiprocess.py);
-compiled afresh, it runs. TPU and GPU jobs keep the cache.
+processes and was loaded from the cache hung in its first collective (two processes resuming a
+run whose first launch had filled the cache, tests/test_multiprocess.py), whether both processes
+loaded it or process 0 alone (JAX writes process 0's programs only); compiled afresh, it runs.
+TPU and GPU jobs keep the cache.
 """
 from __future__ import annotations
 
