@@ -45,6 +45,7 @@ def enable(directory: str | None = None) -> str | None:
 def off_for_cpu_jobs(tag: str) -> None:
     """Turns the cache off in a multi-process job on the CPU backend (see the module docstring); call it
     after joining the job and before the first compile (JAX decides at the first compile)."""
-    if jax.process_count() > 1 and jax.default_backend() == "cpu" and jax.config.jax_enable_compilation_cache:
+    cache_on = jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir
+    if cache_on and jax.process_count() > 1 and jax.default_backend() == "cpu":
         jax.config.update("jax_enable_compilation_cache", False)
         print(f"{tag} compilation cache off: a multi-process job on CPU compiles its programs afresh", flush=True)
