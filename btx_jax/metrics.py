@@ -68,6 +68,7 @@ class MetricsWriter:
         self._lines = [line for line in self._read_lines() if json.loads(line)["step"] <= resume_step]
         self._upload()  # the truncated file
         self.tb = SummaryWriter(str(workdir / "tensorboard"), flush_secs=flush_secs)
+        self._heatmap = UsageHeatmap()
         if not self._remote:
             self._file, self._lines = self.path.open("a", encoding="utf-8"), None
 
@@ -115,7 +116,7 @@ class MetricsWriter:
                 for layer, usage in enumerate(values):
                     self.tb.add_histogram(f"moe/layer{layer}/expert_usage", usage, step,
                                           bins=np.arange(len(usage) + 1) - 0.5)
-                self.tb.add_image("moe/expert_usage_heatmap", usage_heatmap(values), step, dataformats="HWC")
+                self.tb.add_image("moe/expert_usage_heatmap", self._heatmap(values), step, dataformats="HWC")
             else:
                 self.tb.add_scalar(f"moe/{name}", float(values.mean()), step)
                 for layer, value in enumerate(values):
@@ -144,26 +145,41 @@ class MetricsWriter:
                 self._file.close()
 
 
-def usage_heatmap(usage: np.ndarray, title: str = "fraction of routed tokens") -> np.ndarray:
-    """[layers, experts] fractions -> an RGB image (uint8 HWC) of the heatmap."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+class UsageHeatmap:
+    """[layers, experts] fractions -> an RGB image (uint8 HWC) of the heatmap, for TensorBoard.
 
-    layers, experts = usage.shape
-    fig, ax = plt.subplots(figsize=(1.2 + 0.5 * experts, 1.0 + 0.4 * layers), dpi=80)
-    im = ax.imshow(usage, cmap="viridis", vmin=0.0, aspect="auto")
-    ax.set_xlabel("expert")
-    ax.set_ylabel("MoE layer")
-    ax.set_xticks(range(experts))
-    ax.set_yticks(range(layers))
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.canvas.draw()
-    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
-    return image
+    The figure is built once and only its data and colour range change between calls: drawing
+    it again costs ~35 ms, building it ~140 ms (a train step of the tests' tiny MoE costs less)."""
+
+    def __init__(self, title: str = "fraction of routed tokens"):
+        self.title, self._figure, self._image, self._shape = title, None, None, None
+
+    def _build(self, usage: np.ndarray) -> None:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        layers, experts = usage.shape
+        self._figure = Figure(figsize=(1.2 + 0.5 * experts, 1.0 + 0.4 * layers), dpi=80)
+        FigureCanvasAgg(self._figure)
+        ax = self._figure.add_subplot()
+        self._image = ax.imshow(usage, cmap="viridis", vmin=0.0, aspect="auto")
+        ax.set_xlabel("expert")
+        ax.set_ylabel("MoE layer")
+        ax.set_xticks(range(experts))
+        ax.set_yticks(range(layers))
+        ax.set_title(self.title, fontsize=9)
+        self._figure.colorbar(self._image, ax=ax)
+        self._figure.tight_layout()
+        self._shape = usage.shape
+
+    def __call__(self, usage: np.ndarray) -> np.ndarray:
+        usage = np.asarray(usage, np.float64)
+        if usage.shape != self._shape:
+            self._build(usage)
+        self._image.set_data(usage)
+        self._image.set_clim(0.0, max(float(usage.max()), 1e-12))
+        self._figure.canvas.draw()
+        return np.asarray(self._figure.canvas.buffer_rgba())[..., :3].copy()
 
 
 def read_metrics(workdir) -> list[dict]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -72,18 +73,30 @@ def forward(graphdef, params, batch, *, train: bool = False, rng=None, probe: bo
 BALANCE_LOSSES = {"aux": "load_balance_loss", "sequence": "sequence_balance_loss", "bias": None}
 
 
-def moe_loss(aux: dict, moe_config) -> tuple[jax.Array, dict]:
+def loss_weights(moe_config) -> np.ndarray:
+    """[router_z_weight, load_balance_weight] as float32 (zeros without a ``moe`` section). Like the schedule's numbers
+    (:func:`btx_jax.state.schedule_numbers`) they are an input of the train step, not constants compiled into
+    it, so runs that differ only in them (the recipe's no-load-balance variant, a sweep of the weights) share
+    one compiled program."""
+    if moe_config is None:
+        return np.zeros(2, np.float32)
+    return np.asarray([moe_config.router_z_weight, moe_config.load_balance_weight], np.float32)
+
+
+def moe_loss(aux: dict, moe_config, weights=None) -> tuple[jax.Array, dict]:
     """Weighted router losses (each averaged over MoE layers) and the per-layer metrics to log.
 
     The balancing term follows ``moe.balance``: the batch's Switch loss (aux), its per-sequence
     form (sequence), or none (bias: the selection bias balances instead); the z-loss always applies.
+    `weights`: :func:`loss_weights` (traced, in the train step); None takes them from `moe_config`.
     """
     if not aux:
         return jnp.zeros(()), {}
-    loss = moe_config.router_z_weight * aux["router_z_loss"].mean()
+    z_weight, balance_weight = loss_weights(moe_config) if weights is None else (weights[0], weights[1])
+    loss = z_weight * aux["router_z_loss"].mean()
     balance_loss = BALANCE_LOSSES[moe_config.get("balance", "aux")]
     if balance_loss is not None:
-        loss = loss + moe_config.load_balance_weight * aux[balance_loss].mean()
+        loss = loss + balance_weight * aux[balance_loss].mean()
     return loss, {f"moe/{name}": value for name, value in aux.items()}
 
 
@@ -94,7 +107,8 @@ def token_totals(batch) -> dict:
 
 
 def make_loss_fn(graphdef, config):
-    """(params, microbatch, rng, totals) -> (loss, metrics): this microbatch's share of the step's loss.
+    """(params, microbatch, rng, totals, router_bias=None, weights=None) -> (loss, metrics): this microbatch's
+    share of the step's loss; `weights` are the router losses' (:func:`loss_weights`; None: the config's).
 
     The NLL is summed over the microbatch and divided by the *step's* loss tokens, so the shares
     (and their gradients) add up exactly to the full batch's mean. Router losses and ``moe/*``
@@ -105,10 +119,10 @@ def make_loss_fn(graphdef, config):
     a mean over rows, becomes a token-weighted one); with grad_accum = 1 every share is 1 and all of
     it is the full batch's. ``moe/expert_load``, a token mean, is exact: the bias update sees the step's load.
     """
-    def loss_fn(params, batch, rng, totals, router_bias=None):
+    def loss_fn(params, batch, rng, totals, router_bias=None, weights=None):
         logits, aux = forward(graphdef, params, batch, train=True, rng=rng, router_bias=router_bias)
         loss, metrics = lm_loss(logits, batch, config.optim.z_loss, tokens=totals["loss"])
-        router_loss, moe_metrics = moe_loss(aux, config.get("moe"))
+        router_loss, moe_metrics = moe_loss(aux, config.get("moe"), weights)
         share = (batch["segment_ids"] != 0).sum().astype(jnp.float32) / totals["routed"]
         return loss + share * router_loss, metrics | jax.tree.map(lambda v: share * v, moe_metrics)
 
@@ -124,22 +138,22 @@ def _microbatches(batch: dict, count: int) -> dict:
     return jax.tree.map(split, batch)
 
 
-def accumulate(grad_fn, params, batch, rng, count: int, param_shardings, router_bias=None):
+def accumulate(grad_fn, params, batch, rng, count: int, param_shardings, router_bias=None, weights=None):
     """Sum of `grad_fn`'s (grads, metrics) over `count` microbatches (a scan; `count` = 1: one call).
     The share-weighted ``moe/expert_load`` summed this way is the whole step's load."""
     totals = token_totals(batch)
     if count == 1:
-        (_, metrics), grads = grad_fn(params, batch, rng, totals, router_bias)
+        (_, metrics), grads = grad_fn(params, batch, rng, totals, router_bias, weights)
         return grads, metrics
 
     def body(carry, inputs):
         index, micro = inputs
-        (_, metrics), grads = grad_fn(params, micro, jax.random.fold_in(rng, index), totals, router_bias)
+        (_, metrics), grads = grad_fn(params, micro, jax.random.fold_in(rng, index), totals, router_bias, weights)
         return jax.tree.map(jnp.add, carry, (grads, metrics)), None
 
     micro = _microbatches(batch, count)
     first = jax.tree.map(lambda x: x[0], micro)
-    shapes = jax.eval_shape(lambda: grad_fn(params, first, rng, totals, router_bias))
+    shapes = jax.eval_shape(lambda: grad_fn(params, first, rng, totals, router_bias, weights))
     (_, metric_shapes), grad_shapes = shapes
     zeros = jax.tree.map(lambda s, sh: jax.lax.with_sharding_constraint(jnp.zeros(s.shape, s.dtype), sh),
                          grad_shapes, param_shardings)
@@ -156,17 +170,19 @@ def make_train_step(setup: TrainSetup, batch_shardings: dict, config):
     :func:`make_loss_fn` for the router losses). Metrics are scalars, except ``moe/*`` entries:
     per MoE layer [L_moe] (``expert_usage`` [L_moe, E]; see :func:`balance_metrics`). With a
     ``router_bias`` in the state (moe.balance="bias") the bias is updated from the step's load.
-    The learning-rate schedule's numbers (``setup.schedule_numbers``) are an input of the compiled
-    step, so runs that differ only in length or learning rate reuse one program.
+    The learning-rate schedule's numbers (``setup.schedule_numbers``) and the router losses' weights
+    (:func:`loss_weights`) are inputs of the compiled step, so runs that differ only in length, learning
+    rate or those weights reuse one program.
     """
     base_key = jax.random.key(config.train.seed)
     grad_fn = jax.value_and_grad(make_loss_fn(setup.graphdef, config), has_aux=True)
     count = config.train.get("grad_accum", 1)
 
-    def train_step(state, batch, schedule_numbers):
+    def train_step(state, batch, schedule_numbers, weights):
         rng = jax.random.fold_in(base_key, state["step"])
         bias = state.get("router_bias")
-        grads, metrics = accumulate(grad_fn, state["params"], batch, rng, count, setup.state_shardings["params"], bias)
+        grads, metrics = accumulate(grad_fn, state["params"], batch, rng, count, setup.state_shardings["params"], bias,
+                                    weights)
         tx = setup.make_tx(state_lib.schedule(schedule_numbers))
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
@@ -178,14 +194,15 @@ def make_train_step(setup: TrainSetup, batch_shardings: dict, config):
         return new_state, balance_metrics(metrics, bias)
 
     replicated = NamedSharding(setup.mesh, P())
-    jitted = _under_mesh(jax.jit(train_step, in_shardings=(setup.state_shardings, batch_shardings, replicated),
+    jitted = _under_mesh(jax.jit(train_step, in_shardings=(setup.state_shardings, batch_shardings, replicated, replicated),
                                  out_shardings=(setup.state_shardings, None), donate_argnums=0), setup.mesh)
     numbers = jax.device_put(setup.schedule_numbers, replicated)
+    weights = jax.device_put(loss_weights(config.get("moe")), replicated)
 
     def step(state, batch):
-        return jitted(state, batch, numbers)
+        return jitted(state, batch, numbers, weights)
 
-    step.lower = lambda state, batch: jitted.lower(state, batch, numbers)
+    step.lower = lambda state, batch: jitted.lower(state, batch, numbers, weights)
     return step
 
 

@@ -4,6 +4,7 @@ stages (a fourth domain's expert added to the finetuned BTX) on the tiny demo.""
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -191,11 +192,17 @@ def test_extend_config_is_checked(demo_data_dir):
             recipe.check(tiny(demo_data_dir, **overrides), check_paths=False)
 
 
-def test_recipe_adds_a_fourth_domain_expert(demo_data_dir, tmp_path):
+@pytest.mark.xdist_group("recipe")  # with the shared tiny recipe run it starts from
+def test_recipe_adds_a_fourth_domain_expert(tiny_recipe_run, demo_data_dir, tmp_path):
+    """The extend/* stages on a copy of the shared tiny recipe run (conftest.py): its config differs only in
+    recipe.* fields that no BTX stage depends on, so seed, branches, mix and finetune are done and skipped."""
+    workdir = tmp_path / "btx"
+    shutil.copytree(tiny_recipe_run[1], workdir)
     lines = []
-    results = recipe.run(tiny(demo_data_dir), str(tmp_path), out=lines.append)
+    results = recipe.run(tiny(demo_data_dir), str(workdir), out=lines.append)
+    assert "finetune: done, skipping" in "\n".join(lines)
     for stage in ("extend/branch", "extend/add", "extend/finetune"):
-        assert (tmp_path / stage / "stage.json").exists(), stage
+        assert (workdir / stage / "stage.json").exists(), stage
     rows = {r["model"]: r for r in results["models"]}
     names = [r["model"] for r in results["models"]]
     assert names.index("BTX") < names.index("BTX + docs expert") < names.index("BTX + docs expert (finetuned)")
@@ -204,15 +211,15 @@ def test_recipe_adds_a_fourth_domain_expert(demo_data_dir, tmp_path):
     assert added["ppl"]["docs"] < btx["ppl"]["docs"] and tuned["ppl"]["docs"] < btx["ppl"]["docs"]
     for row in (added, tuned):
         assert set(row["interval"]) == {"code", "math", "prose", "docs"}
-    table = (tmp_path / "report" / "results.md").read_text()
+    table = (workdir / "report" / "results.md").read_text()
     assert "| BTX + docs expert |" in table and "| BTX + docs expert (finetuned) |" in table
     # the finetuned BTX's experts and router columns, bit for bit, in the extended checkpoint
-    btx_params, extended = leaves(checkpoint.step_dir(tmp_path / "finetune")), leaves(tmp_path / "extend/add")
+    btx_params, extended = leaves(checkpoint.step_dir(workdir / "finetune")), leaves(workdir / "extend/add")
     for ffn in FFN:
         name = f"layers/moe/experts/{ffn}/kernel"
         np.testing.assert_array_equal(extended[name][:, :E], btx_params[name])
     np.testing.assert_array_equal(extended[ROUTER][:, :, :E], btx_params[ROUTER])
     # router-only finetune: only the router moved
-    tuned_params = leaves(checkpoint.step_dir(tmp_path / "extend/finetune"))
+    tuned_params = leaves(checkpoint.step_dir(workdir / "extend/finetune"))
     assert not np.array_equal(tuned_params[ROUTER], extended[ROUTER])
     np.testing.assert_array_equal(tuned_params["layers/moe/experts/up/kernel"], extended["layers/moe/experts/up/kernel"])

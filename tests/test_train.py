@@ -181,15 +181,18 @@ def test_schedule_is_optax_warmup_cosine_also_when_traced(lr, warmup, steps, min
 
 
 def test_runs_that_differ_only_in_schedule_share_one_compiled_step():
-    """Length, learning rate and warmup are inputs of the train step, not constants in it: a recipe's stages
-    (and tests) of other lengths reuse the compiled program. A real difference (z-loss) still changes it."""
+    """Length, learning rate, warmup and the router losses' weights are inputs of the train step, not constants
+    in it: a recipe's stages and variants (no load balance) and tests of other lengths reuse the compiled
+    program. A real difference (the LM z-loss, the balancing form) still changes it."""
     from btx_jax import steps as steps_lib
     from helpers import random_batch, tiny_config
 
-    def program(**optim):
+    def program(moe=None, **optim):
         config = tiny_config()
         config.optim.update(**{k: v for k, v in optim.items() if k != "steps"})
         config.train.steps = optim.get("steps", config.train.steps)
+        if moe is not None:
+            config.moe.update(num_experts=4, top_k=2, dispatcher="einsum", **moe)
         mesh = mesh_of(jax.devices()[:2])
         setup = make_setup(config, mesh)
         shardings = steps_lib.batch_shardings(mesh)
@@ -199,6 +202,9 @@ def test_runs_that_differ_only_in_schedule_share_one_compiled_step():
     base = program()
     assert program(steps=77, lr=1e-4, warmup_steps=7, min_lr_ratio=0.5) == base
     assert program(z_loss=1e-3) != base
+    moe = program(moe={})
+    assert program(moe=dict(load_balance_weight=0.0, router_z_weight=0.1)) == moe
+    assert program(moe=dict(balance="sequence")) != moe
 
 
 def test_cross_entropy_and_its_hand_written_gradient_match_numpy():
