@@ -11,6 +11,8 @@ evaluation never drops a token). The BTM rows are built from the branches here:
 
 With ``recipe.opt_out`` the BTX model is also scored with each expert masked in turn
 (``moe.masked_experts``, FlexOlmo's opt-out: what each data owner's expert is worth, per domain).
+MoE models are scored with the mask as an input of the scorer (all True for the models as trained),
+so BTX and all its opt-out rows run one compiled program.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from btx_jax import btm, checkpoint, sharding, steps
 from btx_jax.evaluate import DomainScores, make_token_scorer, per_document, score_model, token_nll
 from btx_jax.metrics import read_metrics
 from btx_jax.models.moe import masked_indices
+from btx_jax.models.router import kept_experts
 from btx_jax.state import make_setup, saved_router_bias
 
 
@@ -56,9 +59,11 @@ def score_trial(recipe, eval_sets: dict, calibration_sets: dict, with_btm: bool,
     for model in recipe.models():
         setup, score_fn = scorer.setup(model["config"])
         params = checkpoint.load_params(recipe.path(model["stage"]), setup.abstract_params)
-        bias = saved_router_bias(recipe.path(model["stage"]), setup.mesh) if model["config"].moe.num_experts else None
+        num_experts = model["config"].moe.num_experts
+        bias = saved_router_bias(recipe.path(model["stage"]), setup.mesh) if num_experts else None
+        keep = np.ones(num_experts, bool) if num_experts else None  # nothing masked beyond its config's mask
         shardings = steps.batch_shardings(setup.mesh)
-        nll, routing = token_nll(steps.with_router_bias(score_fn, bias), params, eval_sets, shardings)
+        nll, routing = token_nll(steps.with_router_bias(score_fn, bias, keep), params, eval_sets, shardings)
         scores = {domain: per_document(nll[domain], batches) for domain, batches in eval_sets.items()}
         if model["stage"].startswith("branch/"):
             branch_nll[model["stage"]] = nll  # the BTM rows are built from these, not recomputed
@@ -77,14 +82,18 @@ def score_trial(recipe, eval_sets: dict, calibration_sets: dict, with_btm: bool,
 
 def score_masked(recipe, model: dict, masked: str, eval_sets: dict, scorer: Scorer, params=None) -> dict:
     """{domain: DomainScores} of an MoE model of `recipe.models()` with ``moe.masked_experts=masked``
-    ("": the model as trained); `params`: its params, already loaded (the masked model's are the same)."""
+    ("": the model as trained); `params`: its params, already loaded (the masked model's are the same).
+    The mask is an input of the scorer (see :func:`btx_jax.models.router.route`), not a config: every mask
+    runs the program of the model without one."""
     c = copy.deepcopy(model["config"])
-    c.moe.masked_experts = masked
+    c.moe.masked_experts = ""
     setup, score_fn = scorer.setup(c)
     if params is None:
         params = checkpoint.load_params(recipe.path(model["stage"]), setup.abstract_params)
     bias = saved_router_bias(recipe.path(model["stage"]), setup.mesh)
-    return score_model(steps.with_router_bias(score_fn, bias), params, eval_sets, steps.batch_shardings(setup.mesh))[0]
+    keep = kept_experts(c.moe.num_experts, masked_indices(masked))
+    return score_model(steps.with_router_bias(score_fn, bias, keep), params, eval_sets,
+                       steps.batch_shardings(setup.mesh))[0]
 
 
 def opt_out_scores(recipe, eval_sets: dict, scorer: Scorer, out=print) -> dict[str, dict]:

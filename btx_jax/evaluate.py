@@ -91,10 +91,11 @@ def per_document(token_values: list[np.ndarray], batches: list[dict]) -> DomainS
 
 
 def make_token_scorer(setup):
-    """A jitted (params, batch[, router_bias]) -> (masked token NLL [B, T], MoE aux) for any model of `setup`
-    (`router_bias`: a bias-balanced MoE's selection bias, part of its routing)."""
-    def score(params, batch, router_bias=None):
-        logits, aux = steps.forward(setup.graphdef, params, batch, router_bias=router_bias)
+    """A jitted (params, batch[, router_bias[, expert_keep]]) -> (masked token NLL [B, T], MoE aux) for any model
+    of `setup` (`router_bias`: a bias-balanced MoE's selection bias, part of its routing; `expert_keep` [E]
+    bool: experts masked by an input, so every mask is scored by one compiled program)."""
+    def score(params, batch, router_bias=None, expert_keep=None):
+        logits, aux = steps.forward(setup.graphdef, params, batch, router_bias=router_bias, expert_keep=expert_keep)
         nll, _ = steps.token_nll(logits, batch["targets"])
         routing = {k: aux[k] for k in ("expert_usage", "dropped_fraction") if k in aux}
         return nll * batch["loss_mask"], routing

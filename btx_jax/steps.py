@@ -62,12 +62,14 @@ def lm_loss(logits, batch, z_loss: float = 0.0, tokens=None):
     return ce + zl, {"loss": ce, "z_loss": zl}
 
 
-def forward(graphdef, params, batch, *, train: bool = False, rng=None, probe: bool = False, router_bias=None):
+def forward(graphdef, params, batch, *, train: bool = False, rng=None, probe: bool = False, router_bias=None,
+            expert_keep=None):
     """-> (logits, per-layer MoE aux: {name: [L_moe, ...]}, empty for a dense model).
-    `router_bias` [L_moe, E]: the state's selection bias (moe.balance="bias"); None routes without one."""
+    `router_bias` [L_moe, E]: the state's selection bias (moe.balance="bias"); None routes without one.
+    `expert_keep` [E] bool: experts masked by an input (False), on top of moe.masked_experts."""
     model = nnx.merge(graphdef, params)
     return model(batch["inputs"], batch["segment_ids"], batch["positions"], train=train, rng=rng, probe=probe,
-                 router_bias=router_bias)
+                 router_bias=router_bias, expert_keep=expert_keep)
 
 
 BALANCE_LOSSES = {"aux": "load_balance_loss", "sequence": "sequence_balance_loss", "bias": None}
@@ -242,10 +244,13 @@ def make_eval_step(setup: TrainSetup, batch_shardings: dict):
     return lambda params, batch, router_bias=None: jitted(params, batch, router_bias)
 
 
-def with_router_bias(fn, router_bias):
-    """(params, batch) -> fn(params, batch, router_bias): an eval step or token scorer bound to a model's
-    selection bias (None for models without one), for callers that pass (params, batch)."""
-    return lambda params, batch: fn(params, batch, router_bias)
+def with_router_bias(fn, router_bias, expert_keep=None):
+    """(params, batch) -> fn(params, batch, router_bias[, expert_keep]): an eval step or token scorer bound to a
+    model's selection bias (None for models without one) and, for a token scorer, an expert mask, for callers
+    that pass (params, batch)."""
+    if expert_keep is None:
+        return lambda params, batch: fn(params, batch, router_bias)
+    return lambda params, batch: fn(params, batch, router_bias, expert_keep)
 
 
 def _under_mesh(fn, mesh):

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from btx_jax import checkpoint, compare, evaluate, intervals, recipe, state as state_lib, steps, train
+from btx_jax import checkpoint, compare, evaluate, intervals, recipe, sharding, state as state_lib, steps, train
 from btx_jax.config import ConfigError, load_config, validate
 from btx_jax.models import router as router_lib
 from btx_jax.state import init_params, make_setup
@@ -136,7 +136,9 @@ def test_bad_masked_experts(value, message):
 
 def test_a_masked_model_scores_like_the_model_without_the_expert():
     """The whole transformer: a 4-expert checkpoint with expert 1 masked gives the logits of the 3-expert
-    checkpoint made by slicing expert 1 out of every layer (dropless, the recipe's evaluation dispatcher)."""
+    checkpoint made by slicing expert 1 out of every layer (dropless, the recipe's evaluation dispatcher).
+    The mask as an input (`expert_keep`, how the recipe scores its opt-out rows) gives the config's
+    numbers and routing (an array input: one compiled program serves every mask)."""
     config = tiny_config()
     config.moe.update(num_experts=4, top_k=2, group_size=16, dispatcher="dropless")
     mesh = mesh_of(jax.devices()[:1])
@@ -145,10 +147,10 @@ def test_a_masked_model_scores_like_the_model_without_the_expert():
     params["layers"]["moe"]["router"]["kernel"] = np.random.default_rng(0).normal(0, 0.5, (2, 64, 4)).astype(np.float32)
     batch = steps.to_global(random_batch(config), steps.batch_shardings(mesh))
 
-    def logits(c, p):
+    def forward(c, p, keep=None):
         setup = make_setup(c, mesh)
-        fn = steps._under_mesh(jax.jit(lambda p, b: steps.forward(setup.graphdef, p, b)[0]), mesh)
-        return np.asarray(fn(p, batch))
+        fn = steps._under_mesh(jax.jit(lambda p, b, k: steps.forward(setup.graphdef, p, b, expert_keep=k)), mesh)
+        return jax.device_get(fn(p, batch, keep))
 
     masked = config.copy_and_resolve_references()
     masked.moe.masked_experts = "1"
@@ -159,9 +161,30 @@ def test_a_masked_model_scores_like_the_model_without_the_expert():
     moe["router"]["kernel"] = moe["router"]["kernel"][..., [0, 2, 3]]
     for name in ("gate", "up", "down"):
         moe["experts"][name]["kernel"] = moe["experts"][name]["kernel"][:, [0, 2, 3]]
-    got, want, plain = logits(masked, params), logits(smaller, sliced), logits(config, params)
+    (got, aux), (want, _), (plain, _) = forward(masked, params), forward(smaller, sliced), forward(config, params)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     assert np.abs(plain - got).max() > 1e-2  # expert 1 mattered
+
+    setup = make_setup(config, mesh)
+    scorer = steps._under_mesh(jax.jit(lambda p, b, k: steps.forward(setup.graphdef, p, b, expert_keep=k)), mesh)
+    by_input, aux_by_input = jax.device_get(scorer(params, batch, np.array([True, False, True, True])))
+    np.testing.assert_array_equal(by_input, got)
+    for name in ("expert_usage", "load_balance_loss", "router_z_loss", "router_entropy"):
+        np.testing.assert_allclose(aux_by_input[name], aux[name], rtol=1e-6, err_msg=name)
+    everything, _ = jax.device_get(scorer(params, batch, np.ones(4, bool)))
+    np.testing.assert_array_equal(everything, plain)  # all kept: the model as trained
+
+
+def test_an_expert_mask_as_input_needs_the_dropless_dispatcher():
+    config = tiny_config()
+    config.moe.update(num_experts=4, top_k=2, group_size=16, dispatcher="einsum")
+    mesh = mesh_of(jax.devices()[:1])
+    setup = make_setup(config, mesh)
+    params = init_params(config, setup, seed=0)
+    batch = steps.to_global(random_batch(config), steps.batch_shardings(mesh))
+    with pytest.raises(ValueError, match="expert_keep needs the dropless dispatcher"):
+        with sharding.use_mesh(mesh):
+            steps.forward(setup.graphdef, params, batch, expert_keep=np.ones(4, bool))
 
 
 # ------------------------------------------------------------------------------ 2. train.trainable

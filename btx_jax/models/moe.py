@@ -95,11 +95,15 @@ class MoE(nnx.Module):
         self.experts = Experts(cfg.num_experts, d_model, mlp_dim, std=std, dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x, segment_ids, *, train: bool = False, rng: jax.Array | None = None, probe: bool = False,
-                 router_bias: jax.Array | None = None):
+                 router_bias: jax.Array | None = None, expert_keep: jax.Array | None = None):
         """`probe` adds ``router_input_sum`` [D] and ``router_input_count`` (over non-padding tokens) to
         the aux: the surgeon's centroid router initialisation reads the mean router input from them.
-        `router_bias` [E]: this layer's selection bias (balance="bias"; None: no bias)."""
+        `router_bias` [E]: this layer's selection bias (balance="bias"; None: no bias). `expert_keep` [E]
+        bool: ``masked_experts`` as an input (False: masked), dropless only (capacity is planned from a
+        static count of experts)."""
         cfg = self.cfg
+        if expert_keep is not None and cfg.dispatcher != "dropless":
+            raise ValueError(f"expert_keep needs the dropless dispatcher (capacity is static), not {cfg.dispatcher!r}")
         b, t, d = x.shape
         s = min(cfg.group_size, t)
         groups = x.reshape(b * t // s, s, d)
@@ -107,8 +111,10 @@ class MoE(nnx.Module):
         jitter_rng, dropout_rng = jax.random.split(rng) if rng is not None else (None, None)
         routing = router.route(groups, self.router.kernel[...], mask, top_k=cfg.top_k, renormalize=cfg.renormalize,
                                jitter=cfg.router_jitter if train else 0.0, rng=jitter_rng, bias=router_bias,
-                               masked=cfg.masked)
+                               masked=cfg.masked, keep=expert_keep)
         active = cfg.num_experts - len(cfg.masked)  # the experts a token can go to
+        if expert_keep is not None:
+            active = jnp.sum(jnp.logical_and(expert_keep, router.kept_experts(cfg.num_experts, cfg.masked)))
         kwargs = dict(dtype=self.dtype)
         if cfg.dispatcher == "dropless":
             kept = jnp.broadcast_to(mask[..., None], routing.experts.shape)
@@ -126,7 +132,7 @@ class MoE(nnx.Module):
         aux = router.router_losses(routing, cfg.num_experts) | router.router_metrics(routing, kept, cfg.num_experts)
         if cfg.balance == "sequence":
             aux["sequence_balance_loss"] = router.sequence_balance_loss(routing, cfg.num_experts, b)
-        if active < cfg.num_experts:  # E * sum f p over E - m experts: rescaled so uniform over them reads 1
+        if expert_keep is not None or active < cfg.num_experts:  # E sum f p over the E - m left: uniform reads 1
             for name in ("load_balance_loss", "sequence_balance_loss"):
                 if name in aux:
                     aux[name] = aux[name] * (active / cfg.num_experts)

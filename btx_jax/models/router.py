@@ -39,7 +39,7 @@ class Routing:
 jax.tree_util.register_dataclass(Routing, data_fields=["experts", "weights", "mask", "probs", "logits"], meta_fields=[])
 
 
-def _kept_experts(num_experts: int, masked: tuple[int, ...]) -> np.ndarray:
+def kept_experts(num_experts: int, masked: tuple[int, ...]) -> np.ndarray:
     """[E] bool, False at the masked (opted-out) experts."""
     keep = np.ones(num_experts, bool)
     keep[list(masked)] = False
@@ -48,7 +48,7 @@ def _kept_experts(num_experts: int, masked: tuple[int, ...]) -> np.ndarray:
 
 def route(x: jax.Array, kernel: jax.Array, mask: jax.Array, *, top_k: int, renormalize: bool,
           jitter: float = 0.0, rng: jax.Array | None = None, bias: jax.Array | None = None,
-          masked: tuple[int, ...] = ()) -> Routing:
+          masked: tuple[int, ...] = (), keep: jax.Array | None = None) -> Routing:
     """x [G, S, D] -> top-k experts. The router is computed in float32 whatever the compute dtype.
 
     Gates: for top_k == 1 the gate is the router probability p itself, whatever `renormalize`
@@ -63,13 +63,16 @@ def route(x: jax.Array, kernel: jax.Array, mask: jax.Array, *, top_k: int, renor
 
     `masked`: experts that must never be chosen (opted out). Their logits are -inf, so the softmax
     renormalises over the others, and the choice excludes them even where a probability underflows
-    to 0 or a bias would favour them; at least top_k experts must be left.
+    to 0 or a bias would favour them; at least top_k experts must be left. `keep` [E] bool does the same
+    as an array (False: masked), so one compiled program serves every mask (the recipe's opt-out rows).
     """
     x32 = x.astype(jnp.float32)
     if jitter > 0.0:
         x32 = x32 * jax.random.uniform(rng, x32.shape, jnp.float32, 1.0 - jitter, 1.0 + jitter)
     logits = jnp.einsum("gsd,de->gse", x32, kernel.astype(jnp.float32))
-    keep = _kept_experts(logits.shape[-1], masked) if masked else None
+    if masked:
+        static_keep = kept_experts(logits.shape[-1], masked)
+        keep = static_keep if keep is None else jnp.logical_and(keep, static_keep)
     if keep is not None:
         logits = jnp.where(keep, logits, -jnp.inf)
     probs = jax.nn.softmax(logits, axis=-1)
@@ -162,7 +165,7 @@ def update_bias(bias: jax.Array, load: jax.Array, rate: float, masked: tuple[int
     `masked` experts (never chosen, load 0) are left out of the mean and keep their bias: counted,
     they would pull the mean below the fair share 1 / (E - masked) of the others.
     """
-    keep = _kept_experts(load.shape[-1], masked)
+    keep = kept_experts(load.shape[-1], masked)
     mean = jnp.sum(jnp.where(keep, load, 0.0), axis=-1, keepdims=True) / keep.sum()
     return bias + rate * jnp.where(keep, jnp.sign(mean - load), 0.0).astype(bias.dtype)
 

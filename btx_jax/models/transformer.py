@@ -226,11 +226,12 @@ class Block(nnx.Module):
             self.mlp = MLP(cfg, rngs)
 
     def __call__(self, x, segment_ids, positions, *, train: bool = False, rng=None, probe: bool = False,
-                 router_bias=None):
+                 router_bias=None, expert_keep=None):
         x = x + self.attn(self.attn_norm(x), segment_ids, positions)
         aux = {}
         if hasattr(self, "moe"):
-            y, aux = self.moe(self.mlp_norm(x), segment_ids, train=train, rng=rng, probe=probe, router_bias=router_bias)
+            y, aux = self.moe(self.mlp_norm(x), segment_ids, train=train, rng=rng, probe=probe, router_bias=router_bias,
+                              expert_keep=expert_keep)
         else:
             y = self.mlp(self.mlp_norm(x))
         return constrain(x + y, "batch", "length", "act_embed"), aux
@@ -285,17 +286,18 @@ class Transformer(nnx.Module):
                                       std=cfg.init_std, cfg=cfg, rngs=rngs)
 
     def __call__(self, tokens, segment_ids=None, positions=None, *, train: bool = False, rng=None, probe: bool = False,
-                 router_bias=None):
+                 router_bias=None, expert_keep=None):
         """`train` selects the training capacity factor, router jitter and expert dropout (which need `rng`);
         `probe` adds each MoE layer's router-input sums to the aux (see MoE); `router_bias` [L_moe, E] is the
-        MoE layers' selection bias (moe.balance="bias", kept in the train state; None: none)."""
+        MoE layers' selection bias (moe.balance="bias", kept in the train state; None: none); `expert_keep`
+        [E] bool masks experts in every MoE layer as an input (see MoE; None: only moe.masked_experts)."""
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         x = constrain(self.embed(tokens), "batch", "length", "act_embed")
         rng = jax.random.key(0) if rng is None else rng
-        x, aux = self._apply_layers(x, segment_ids, positions, train, rng, probe, router_bias)
+        x, aux = self._apply_layers(x, segment_ids, positions, train, rng, probe, router_bias, expert_keep)
         x = self.final_norm(x)
         if self.cfg.tie_embeddings:
             logits = self.embed.attend(x)
@@ -303,13 +305,15 @@ class Transformer(nnx.Module):
             logits = self.lm_head("btd,dv->btv", x)
         return constrain(logits.astype(jnp.float32), "batch", "length", "act_vocab"), aux
 
-    def _apply_layers(self, x, segment_ids, positions, train, rng, probe, router_bias):
-        """The layer stack as scans; `router_bias` [L_moe, E] (or None) is scanned alongside the MoE blocks."""
+    def _apply_layers(self, x, segment_ids, positions, train, rng, probe, router_bias, expert_keep):
+        """The layer stack as scans; `router_bias` [L_moe, E] (or None) is scanned alongside the MoE blocks,
+        `expert_keep` (the same for every layer) is closed over."""
         cfg = self.cfg
 
         def scan_blocks(x, blocks, keys, unroll, bias=None):
             def apply_block(x, block, key, bias):
-                return block(x, segment_ids, positions, train=train, rng=key, probe=probe, router_bias=bias)
+                return block(x, segment_ids, positions, train=train, rng=key, probe=probe, router_bias=bias,
+                             expert_keep=expert_keep)
 
             if cfg.remat != "none":
                 apply_block = nnx.remat(apply_block, policy=_REMAT_POLICIES[cfg.remat])
@@ -324,7 +328,8 @@ class Transformer(nnx.Module):
 
         def apply_group(x, moe_block, dense_blocks, key, bias):
             x, _ = scan_blocks(x, dense_blocks, jax.random.split(key, cfg.moe.moe_every - 1), 1)
-            return moe_block(x, segment_ids, positions, train=train, rng=key, probe=probe, router_bias=bias)
+            return moe_block(x, segment_ids, positions, train=train, rng=key, probe=probe, router_bias=bias,
+                             expert_keep=expert_keep)
 
         scan = nnx.scan(apply_group, in_axes=(nnx.Carry, 0, 0, 0, 0), out_axes=(nnx.Carry, 0),
                         transform_metadata={nnx.PARTITION_NAME: "layers"})
