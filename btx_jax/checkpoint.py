@@ -21,6 +21,25 @@ from etils import epath
 from btx_jax import distributed, paths
 
 
+def _register_array_handler() -> None:
+    """Orbax's replica-parallel save writes a replicated array as one slice per replica, and compiles a slice
+    program per device and shape to cut it: for the small arrays of small models that is all cost (the tests'
+    tiny recipe compiled 96 of them). Arrays whose slice per replica would be under 1 MiB are written whole
+    by their first replica; larger ones (real models on many replicas) keep replica-parallel writes. A tiny
+    train run in a fresh process: 9.5 -> 7.2 s."""
+    try:  # the metadata store of orbax's own default handler; a private module, which a newer orbax may move
+        from orbax.checkpoint._src.metadata import array_metadata_store
+    except ImportError:
+        return  # orbax's default handler stays: slower for small arrays, the same checkpoints
+
+    handler = ocp.type_handlers.ArrayHandler(array_metadata_store=array_metadata_store.Store(),
+                                             min_slice_bytes_for_replica_parallel=1 << 20)
+    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+
+
+_register_array_handler()
+
+
 class CheckpointError(ValueError):
     """A checkpoint is missing or does not fit the model; the message says how to fix it."""
 

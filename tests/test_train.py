@@ -230,3 +230,23 @@ def test_cross_entropy_and_its_hand_written_gradient_match_numpy():
     np.testing.assert_allclose(loss, (nll * mask).sum() / tokens + z * (log_z**2 * mask).sum() / tokens, rtol=1e-6)
     expected = (softmax - one_hot + 2 * z * log_z[..., None] * softmax) * mask[..., None] / tokens
     np.testing.assert_allclose(grad, expected, atol=1e-7)
+
+
+def test_saving_small_replicated_arrays_compiles_nothing(tmp_path, caplog):
+    """Orbax's replica-parallel save compiles a slice program per device and shape of every replicated array;
+    arrays under 1 MiB per replica are written whole by one replica instead (btx_jax.checkpoint), and restore."""
+    import logging
+
+    import orbax.checkpoint as ocp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    mesh = mesh_of(data=8)
+    value = jax.device_put(np.arange(64 * 37, dtype=np.float32).reshape(64, 37), NamedSharding(mesh, P()))
+    checkpointer = ocp.StandardCheckpointer()
+    with caplog.at_level(logging.WARNING), jax.log_compiles():
+        checkpointer.save(tmp_path / "small", {"x": value})
+        checkpointer.wait_until_finished()
+    assert not [r for r in caplog.records if "Finished XLA compilation" in r.getMessage()]
+    restored = checkpointer.restore(tmp_path / "small", {"x": jax.ShapeDtypeStruct(value.shape, value.dtype,
+                                                                                   sharding=value.sharding)})
+    np.testing.assert_array_equal(np.asarray(restored["x"]), np.asarray(value))
