@@ -196,8 +196,9 @@ def make_train_step(setup: TrainSetup, batch_shardings: dict, config):
         return new_state, balance_metrics(metrics, bias)
 
     replicated = NamedSharding(setup.mesh, P())
-    jitted = _under_mesh(jax.jit(train_step, in_shardings=(setup.state_shardings, batch_shardings, replicated, replicated),
-                                 out_shardings=(setup.state_shardings, None), donate_argnums=0), setup.mesh)
+    in_shardings = (setup.state_shardings, batch_shardings, replicated, replicated)
+    jitted = _under_mesh(jax.jit(train_step, in_shardings=in_shardings, out_shardings=(setup.state_shardings, None),
+                                 donate_argnums=0), setup.mesh)
     numbers = jax.device_put(setup.schedule_numbers, replicated)
     weights = jax.device_put(loss_weights(config.get("moe")), replicated)
 
