@@ -32,9 +32,16 @@ def _register_array_handler() -> None:
     except ImportError:
         return  # orbax's default handler stays: slower for small arrays, the same checkpoints
 
+    from absl import logging as absl_logging
+
     handler = ocp.type_handlers.ArrayHandler(array_metadata_store=array_metadata_store.Store(),
                                              min_slice_bytes_for_replica_parallel=1 << 20)
-    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)  # orbax warns that the default handler is replaced
+    try:
+        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    finally:
+        absl_logging.set_verbosity(verbosity)
 
 
 _register_array_handler()

@@ -114,8 +114,10 @@ def test_drop_is_independent_of_tiling(seed, dropped, tmp_path):
     write_checkpoint(tmp_path / "sharded", jax.tree.map(within_layer, params))
     tiled = upcycle_config(tmp_path / "sharded", tmp_path / "tiled", memory_budget=1e-6)
     manifest = mix.run(tiled)
-    stack_tiles = manifest["tiles"] - len(manifest["leaves"])  # other leaves: >= 1 tile each
-    assert stack_tiles >= 3 * 4, manifest["tiles"]  # 3 FFN leaves x 4 chunks, each a quarter of every layer
+    # the same merge from the seed as first saved (one chunk per leaf): the sharded save cut each of the 3 FFN
+    # leaves into 4 chunks, each a quarter of every layer, so 3 more tiles per FFN leaf and no others
+    unsharded = mix.run(upcycle_config(seed[0], tmp_path / "unsharded", memory_budget=1e-6))
+    assert manifest["tiles"] - unsharded["tiles"] == 3 * (4 - 1), (manifest["tiles"], unsharded["tiles"])
     got = load_merged(tiled, tmp_path / "tiled")
     for name in ("gate", "up", "down"):
         np.testing.assert_array_equal(got["layers"]["moe"]["experts"][name]["kernel"],
