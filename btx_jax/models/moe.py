@@ -109,12 +109,14 @@ class MoE(nnx.Module):
         groups = x.reshape(b * t // s, s, d)
         mask = (segment_ids != 0).reshape(b * t // s, s)
         jitter_rng, dropout_rng = jax.random.split(rng) if rng is not None else (None, None)
+        keep = None  # the input mask together with the config's
+        if expert_keep is not None:
+            keep = jnp.logical_and(expert_keep, router.kept_experts(cfg.num_experts, cfg.masked))
         routing = router.route(groups, self.router.kernel[...], mask, top_k=cfg.top_k, renormalize=cfg.renormalize,
                                jitter=cfg.router_jitter if train else 0.0, rng=jitter_rng, bias=router_bias,
-                               masked=cfg.masked, keep=expert_keep)
-        active = cfg.num_experts - len(cfg.masked)  # the experts a token can go to
-        if expert_keep is not None:
-            active = jnp.sum(jnp.logical_and(expert_keep, router.kept_experts(cfg.num_experts, cfg.masked)))
+                               masked=cfg.masked, keep=keep)
+        # the experts a token can go to
+        active = cfg.num_experts - len(cfg.masked) if keep is None else jnp.sum(keep)
         kwargs = dict(dtype=self.dtype)
         if cfg.dispatcher == "dropless":
             kept = jnp.broadcast_to(mask[..., None], routing.experts.shape)
@@ -132,7 +134,7 @@ class MoE(nnx.Module):
         aux = router.router_losses(routing, cfg.num_experts) | router.router_metrics(routing, kept, cfg.num_experts)
         if cfg.balance == "sequence":
             aux["sequence_balance_loss"] = router.sequence_balance_loss(routing, cfg.num_experts, b)
-        if expert_keep is not None or active < cfg.num_experts:  # E sum f p over the E - m left: uniform reads 1
+        if keep is not None or active < cfg.num_experts:  # E sum f p over the E - m left: uniform reads 1
             for name in ("load_balance_loss", "sequence_balance_loss"):
                 if name in aux:
                     aux[name] = aux[name] * (active / cfg.num_experts)

@@ -63,16 +63,16 @@ def route(x: jax.Array, kernel: jax.Array, mask: jax.Array, *, top_k: int, renor
 
     `masked`: experts that must never be chosen (opted out). Their logits are -inf, so the softmax
     renormalises over the others, and the choice excludes them even where a probability underflows
-    to 0 or a bias would favour them; at least top_k experts must be left. `keep` [E] bool does the same
-    as an array (False: masked), so one compiled program serves every mask (the recipe's opt-out rows).
+    to 0 or a bias would favour them; at least top_k experts must be left. `keep` [E] bool, when given,
+    is the mask as an array (False: masked) in place of `masked`, so one compiled program serves every
+    mask (the recipe's opt-out rows).
     """
     x32 = x.astype(jnp.float32)
     if jitter > 0.0:
         x32 = x32 * jax.random.uniform(rng, x32.shape, jnp.float32, 1.0 - jitter, 1.0 + jitter)
     logits = jnp.einsum("gsd,de->gse", x32, kernel.astype(jnp.float32))
-    if masked:
-        static_keep = kept_experts(logits.shape[-1], masked)
-        keep = static_keep if keep is None else jnp.logical_and(keep, static_keep)
+    if keep is None and masked:
+        keep = kept_experts(logits.shape[-1], masked)
     if keep is not None:
         logits = jnp.where(keep, logits, -jnp.inf)
     probs = jax.nn.softmax(logits, axis=-1)
