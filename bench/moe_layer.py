@@ -21,6 +21,11 @@ import os
 import sys
 import time
 
+if __name__ == "__main__":  # before jax is imported: both sides run with the CLI's host memory setting
+    from btx_jax import host_memory
+
+    host_memory.reexec_with_huge_pages()
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
@@ -29,6 +34,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from common import dense_bench_config, train_step_runner  # noqa: E402
+from timing import host_memory_line  # noqa: E402
 from btx_jax import sharding  # noqa: E402
 from btx_jax.models.moe import MoE, MoEConfig  # noqa: E402
 from btx_jax.models.transformer import MLP, TransformerConfig  # noqa: E402
@@ -132,6 +138,7 @@ def main():
     parser.add_argument("--skip_train_step", action="store_true")
     parser.add_argument("--no_peers", action="store_true", help="skip the HF Mixtral / torch side")
     args = parser.parse_args()
+    print(host_memory_line())
     mesh = jax.make_mesh((1, 1, 1, 1), sharding.MESH_AXES, devices=jax.devices()[:1],
                          axis_types=(jax.sharding.AxisType.Auto,) * 4)
     with sharding.use_mesh(mesh):

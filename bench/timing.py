@@ -1,6 +1,8 @@
 """Timing shared by both sides of the benchmarks (plain numpy: the torch venv has no jax)."""
 from __future__ import annotations
 
+import os
+import resource
 import time
 
 import numpy as np
@@ -16,3 +18,18 @@ def best_time(fn, repeats: int, warmup: int = 2) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return float(np.median(times))
+
+
+def minor_faults(fn) -> int:
+    """Page faults one call of fn() takes: the fresh pages its buffers touch (see btx_jax/host_memory.py)."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    fn()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+def host_memory_line() -> str:
+    """How this process's malloc gets its pages: the setting both sides of a bench run with."""
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc.hugetlb=1" in tunables:
+        return "host memory: transparent huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1; BTX_JAX_HUGE_PAGES=0 runs without)"
+    return "host memory: 4 KiB pages (no glibc.malloc.hugetlb tunable: BTX_JAX_HUGE_PAGES=0, or huge pages off here)"

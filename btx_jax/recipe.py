@@ -31,18 +31,23 @@ import sys
 import tempfile
 import time
 
-import jax
-from absl import app, flags, logging
-from etils import epath
-from ml_collections import ConfigDict, config_flags
+if __name__ == "__main__":  # before jax is imported: see btx_jax/host_memory.py
+    from btx_jax import host_memory
 
-from btx_jax import compare as compare_lib, compilation_cache, config as config_lib, distributed, evaluate, graph, mix
-from btx_jax import paths, plan, pretrained_seed, report, sweep, train
-from btx_jax.graph import Stage, compute, dense_config, items as _items, moe_config
-from btx_jax.mix import lifecycle
-from btx_jax.results import calibration_sets, save_scores, summarise
-from btx_jax.recipe_checks import check
-from btx_jax.stages import StageStore, relevant_config
+    host_memory.reexec_with_huge_pages()
+
+import jax  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from etils import epath  # noqa: E402
+from ml_collections import ConfigDict, config_flags  # noqa: E402
+
+from btx_jax import compare as compare_lib, compilation_cache, config as config_lib, distributed, evaluate, graph, mix  # noqa: E402
+from btx_jax import paths, plan, pretrained_seed, report, sweep, train  # noqa: E402
+from btx_jax.graph import Stage, compute, dense_config, items as _items, moe_config  # noqa: E402
+from btx_jax.mix import lifecycle  # noqa: E402
+from btx_jax.results import calibration_sets, save_scores, summarise  # noqa: E402
+from btx_jax.recipe_checks import check  # noqa: E402
+from btx_jax.stages import StageStore, relevant_config  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # local: this package's checkout
 

@@ -10,20 +10,25 @@ import signal
 import sys
 import time
 
-import jax
-import numpy as np
-from jax.experimental import multihost_utils
-from absl import app, flags, logging
-from ml_collections import config_flags
+if __name__ == "__main__":  # before jax is imported: see btx_jax/host_memory.py
+    from btx_jax import host_memory
 
-from btx_jax import checkpoint, compilation_cache, config as config_lib, distributed, sharding, steps
-from btx_jax.evaluate import evaluate, load_eval_sets
-from btx_jax.data import pipeline
-from btx_jax.data.tokenizer import make_tokenizer
-from btx_jax.flops import job_peak_flops, matmul_params, train_flops_per_token
-from btx_jax.metrics import MetricsWriter
-from btx_jax.data.datasets import DataError
-from btx_jax.state import TrainSetup, checkpoint_state_keys, init_params, make_setup, param_count, schedule
+    host_memory.reexec_with_huge_pages()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from btx_jax import checkpoint, compilation_cache, config as config_lib, distributed, sharding, steps  # noqa: E402
+from btx_jax.evaluate import evaluate, load_eval_sets  # noqa: E402
+from btx_jax.data import pipeline  # noqa: E402
+from btx_jax.data.tokenizer import make_tokenizer  # noqa: E402
+from btx_jax.flops import job_peak_flops, matmul_params, train_flops_per_token  # noqa: E402
+from btx_jax.metrics import MetricsWriter  # noqa: E402
+from btx_jax.data.datasets import DataError  # noqa: E402
+from btx_jax.state import TrainSetup, checkpoint_state_keys, init_params, make_setup, param_count, schedule  # noqa: E402
 
 # Errors caused by the user's input: printed as one clear message, exit status 2.
 USER_ERRORS = (config_lib.ConfigError, DataError, checkpoint.CheckpointError)

@@ -4,34 +4,12 @@
 Multi-process (one output, each process writing its share):
 ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I`` on every process (see btx_jax.distributed).
 """
-import os
 import sys
 
+if __name__ == "__main__":  # before jax is imported: see btx_jax/host_memory.py
+    from btx_jax import host_memory
 
-def _reexec_with_huge_pages() -> None:
-    """Restarts this command once with glibc's malloc asking for transparent huge pages.
-
-    The surgeon streams gigabytes through short-lived buffers (decompressed chunks, tensorstore's
-    write copies); glibc hands each big one back to the kernel when freed and the next is faulted in
-    again 4 KB at a time: 3.3 million page faults and 13 s of system time on SURGEON_BENCH, against
-    0.1 million and 7 s with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (read only at start-up, hence
-    the restart, before jax is imported). Skipped where huge pages are off or already in use, or with
-    BTX_MIX_HUGE_PAGES=0; a glibc older than 2.35 ignores the setting."""
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if sys.platform != "linux" or "glibc.malloc.hugetlb" in tunables or os.environ.get("BTX_MIX_HUGE_PAGES") == "0":
-        return
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled", encoding="ascii") as f:  # local: the kernel
-            if "[madvise]" not in f.read():
-                return
-    except OSError:
-        return
-    os.environ["GLIBC_TUNABLES"] = ":".join(filter(None, [tunables, "glibc.malloc.hugetlb=1"]))
-    os.execv(sys.executable, sys.orig_argv)
-
-
-if __name__ == "__main__":
-    _reexec_with_huge_pages()
+    host_memory.reexec_with_huge_pages()
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
