@@ -5,8 +5,8 @@ XLA:CPU allocates all temporaries of one execution as a single buffer and frees 
 unmaps it on free, so every step faults ~210,000 new 4 KiB pages in again; the surgeon's streamed
 chunks do the same (3.3 million faults on SURGEON_BENCH). With ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``
 malloc asks for transparent huge pages on those maps: ~1,100 faults per DENSE_BENCH step, and the
-step 6-20% faster on a 2-core CPU (``bench/train_step.py`` prints both settings' figures in its
-docstring). glibc reads a tunable only at start-up, so each command line restarts itself once with
+step ~13% faster on a 2-core CPU, the demo seed's ~25% (README, "Host memory" and "Benchmark";
+``bench/train_step.py`` prints the faults per step). glibc reads a tunable only at start-up, so each command line restarts itself once with
 it set, before jax is imported: ``if __name__ == "__main__": host_memory.reexec_with_huge_pages()``.
 
 Skipped where the kernel's huge pages are off (or already "always"), where the tunable is set
@@ -47,7 +47,7 @@ def _thp_mode() -> str | None:
 def reexec_with_huge_pages() -> None:
     """Restarts this process (same interpreter, same command line) once with the tunable set; else returns."""
     environ = environ_with_huge_pages(os.environ, _thp_mode())
-    if environ is not None:
+    if environ is not None and sys.executable:  # an embedded interpreter has no executable to restart
         sys.stdout.flush()
         sys.stderr.flush()
         os.execve(sys.executable, sys.orig_argv, environ)
