@@ -6,6 +6,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from btx_jax import host_memory
 
 MADVISE = "always [madvise] never\n"
@@ -51,3 +53,16 @@ def test_a_command_restarts_once_with_its_arguments(tmp_path):
     out = subprocess.run([sys.executable, str(script)], env={**env, "BTX_JAX_HUGE_PAGES": "0"}, capture_output=True,
                          text=True, check=True).stdout.split()
     assert out[-1] == "None" and starts.read_text().count("start") == 1
+
+
+@pytest.mark.parametrize("module", ["btx_jax.train", "btx_jax.recipe", "btx_jax.mix"])
+def test_each_command_line_restarts_before_importing_jax(module):
+    """`-X importtime` lists every import of both processes: the guard runs in each, jax in the last only."""
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "BTX_JAX_HUGE_PAGES")}
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", module, "--help"], env=env,
+                            capture_output=True, text=True)
+    assert "usage" in result.stdout.lower() or module in result.stdout, result.stderr[-2000:]
+    imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")]
+    restarted = host_memory.environ_with_huge_pages(env, host_memory._thp_mode()) is not None
+    assert imported.count("btx_jax.host_memory") == (2 if restarted else 1)
+    assert imported.count("jax") == 1
