@@ -19,6 +19,7 @@ def tiny_config(**model_overrides) -> ConfigDict:
     c.data.update(seq_len=32, batch_size=8)
     c.optim.update(warmup_steps=2)
     c.train.update(steps=10, peak_flops=1e11)
+    c.moe.grouped_block = 32  # for the MoE tests: tens of rows per expert, and fewer remainder branches to compile
     return c
 
 

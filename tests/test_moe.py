@@ -282,7 +282,7 @@ def test_train_mode_uses_train_capacity_and_jitter():
 
 @pytest.mark.parametrize("counts", [[5, 0, 37, 16, 1, 0, 22, 3], [0, 0, 0, 0, 0, 0, 0, 84], [0] * 8])
 def test_grouped_ffn_matches_per_row_numpy(counts):
-    """Full blocks, halving remainder blocks and spilling partial blocks: values and all gradients."""
+    """Full blocks, rounded-up remainder blocks spilling into the next experts: values and all gradients."""
     rng = np.random.default_rng(5)
     rows = 90  # > sum(counts): trailing zero rows are padding
     total = sum(counts)
@@ -305,7 +305,7 @@ def test_grouped_ffn_matches_per_row_numpy(counts):
         return jnp.sum(jnp.stack(out) * cotangent)
 
     def grouped(x, w):
-        y = grouped_ffn(x, jnp.asarray(counts, jnp.int32), w["gate"], w["up"], w["down"], block=16, min_block=4)
+        y = grouped_ffn(x, jnp.asarray(counts, jnp.int32), w["gate"], w["up"], w["down"], block=16, granule=4)
         return jnp.sum(y * cotangent)
 
     want, want_grads = jax.value_and_grad(naive, argnums=(0, 1))(jnp.asarray(x), w)

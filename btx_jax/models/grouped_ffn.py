@@ -3,13 +3,17 @@
 `jax.lax.ragged_dot` lowers natively only on TPU/GPU; on CPU it is masked-dense, so every
 expert multiplies every row and the cost grows with E. Here a loop over experts takes each
 expert's weights once and walks its rows in blocks: as many full blocks of `block` rows as
-fit, then the remainder in halving blocks (block/2, block/4, ... down to `min_block`), so at
-most `min_block - 1` rows per expert are computed in vain, whatever E.
+fit, then the remainder in one block rounded up to a multiple of `granule` rows (a
+`lax.switch` over the block/granule possible sizes), so each expert costs at most one block
+call beyond its full blocks and computes fewer than `granule` rows in vain. Every block call
+re-reads the expert's weights and adds to its [D, F] weight gradients, so the number of calls,
+not the rows, is what grows with E (README: "MoE layer").
 
 Experts are visited in order, so the last, partial block of expert e may spill into rows of
-expert e+1: those rows are rewritten when e+1 is processed (and masked out of e's weight
-gradients). The backward pass is written by hand: weight gradients accumulate per expert in
-[D, F] registers and are written once, instead of an [E, D, F] cotangent per block.
+the experts after it: those rows are rewritten when their own expert is processed (and masked
+out of e's weight gradients). The backward pass is written by hand: weight gradients
+accumulate per expert in [D, F] registers and are written once, instead of an [E, D, F]
+cotangent per block.
 """
 from __future__ import annotations
 
@@ -19,19 +23,10 @@ import jax
 import jax.numpy as jnp
 
 
-def _sizes(block: int, min_block: int) -> list[int]:
-    """Remainder block sizes: block/2, block/4, ..., min_block."""
-    sizes, size = [], block // 2
-    while size >= min_block:
-        sizes.append(size)
-        size //= 2
-    return sizes
-
-
-def _walk_rows(start, count, block: int, min_block: int, visit, carry):
+def _walk_rows(start, count, block: int, granule: int, visit, carry):
     """Calls carry = visit(carry, row0, size, valid_rows) over [start, start + count) in blocks.
 
-    `size` is static; `valid_rows` (dynamic) is < size only for the final partial block.
+    `size` is static; `valid_rows` (dynamic) is < size only for the final, rounded-up block.
     """
     full = count // block
 
@@ -40,31 +35,40 @@ def _walk_rows(start, count, block: int, min_block: int, visit, carry):
 
     carry = jax.lax.fori_loop(0, full, full_block, carry)
     offset, rest = start + full * block, count - full * block
-    for size in _sizes(block, min_block):
-        take = rest >= size
-        carry = jax.lax.cond(take, lambda c, o=offset, s=size: visit(c, o, s, s), lambda c: c, carry)
-        offset, rest = offset + jnp.where(take, size, 0), rest - jnp.where(take, size, 0)
-    return jax.lax.cond(rest > 0, lambda c: visit(c, offset, min_block, rest), lambda c: c, carry)
+    branches = [lambda c: c] + [lambda c, s=size: visit(c, offset, s, rest) for size in range(granule, block + 1, granule)]
+    return jax.lax.switch((rest + granule - 1) // granule, branches, carry)
+
+
+def default_granule(block: int) -> int:
+    """Remainder rounding: at most 16 remainder sizes (compile time), at most 8 rows in vain below 128-row blocks."""
+    granule = max(min(8, block), block // 16)
+    while block % granule:
+        granule -= 1
+    return granule
 
 
 def _starts(counts):
     return jnp.cumsum(counts) - counts
 
 
-def grouped_ffn(x, counts, w_gate, w_up, w_down, block: int = 128, min_block: int = 8):
+def grouped_ffn(x, counts, w_gate, w_up, w_down, block: int = 128, granule: int | None = None):
     """x [R, D] rows sorted by expert, counts [E] rows per expert -> SwiGLU_e(row) [R, D].
 
-    Rows past sum(counts) come out as zero when their inputs are zero (padding).
+    Rows past sum(counts) come out as zero when their inputs are zero (padding). `granule` must
+    divide `block` (default: :func:`default_granule`).
     """
-    return _grouped_ffn(x, counts, w_gate, w_up, w_down, block, min(min_block, block))
+    granule = default_granule(block) if granule is None else granule
+    if not 1 <= granule <= block or block % granule:
+        raise ValueError(f"granule {granule} must divide block {block}")
+    return _grouped_ffn(x, counts, w_gate, w_up, w_down, block, granule)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _grouped_ffn(x, counts, w_gate, w_up, w_down, block, min_block):
-    return _forward(x, counts, w_gate, w_up, w_down, block, min_block)[0]
+def _grouped_ffn(x, counts, w_gate, w_up, w_down, block, granule):
+    return _forward(x, counts, w_gate, w_up, w_down, block, granule)[0]
 
 
-def _forward(x, counts, w_gate, w_up, w_down, block, min_block):
+def _forward(x, counts, w_gate, w_up, w_down, block, granule):
     rows, d = x.shape
     f = w_gate.shape[-1]
     xp = jnp.concatenate([x, jnp.zeros((block, d), x.dtype)])  # blocks never run past the end
@@ -82,7 +86,7 @@ def _forward(x, counts, w_gate, w_up, w_down, block, min_block):
             u_all = jax.lax.dynamic_update_slice_in_dim(u_all, u, row0, 0)
             return y, g_all, u_all
 
-        return _walk_rows(start, count, block, min_block, visit, carry), None
+        return _walk_rows(start, count, block, granule, visit, carry), None
 
     zeros = (jnp.zeros((rows + block, d), x.dtype), jnp.zeros((rows + block, f), x.dtype),
              jnp.zeros((rows + block, f), x.dtype))
@@ -90,7 +94,7 @@ def _forward(x, counts, w_gate, w_up, w_down, block, min_block):
     return y[:rows], (xp, counts, w_gate, w_up, w_down, g_all, u_all)
 
 
-def _backward(block, min_block, residuals, dy):
+def _backward(block, granule, residuals, dy):
     xp, counts, w_gate, w_up, w_down, g_all, u_all = residuals
     rows = dy.shape[0]
     dyp = jnp.concatenate([dy, jnp.zeros((block, dy.shape[1]), dy.dtype)])
@@ -114,7 +118,7 @@ def _backward(block, min_block, residuals, dy):
             dx = jax.lax.dynamic_update_slice_in_dim(dx, dg @ wg.T + du @ wu.T, row0, 0)
             return dx, dwg, dwu, dwd
 
-        dx, dwg, dwu, dwd = _walk_rows(start, count, block, min_block, visit,
+        dx, dwg, dwu, dwd = _walk_rows(start, count, block, granule, visit,
                                        (dx, jnp.zeros_like(wg), jnp.zeros_like(wu), jnp.zeros_like(wd)))
         return dx, (dwg, dwu, dwd)
 
