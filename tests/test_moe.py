@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from btx_jax import sharding, steps
-from btx_jax.models import router as router_lib
+from btx_jax.models import dispatch, router as router_lib
 from btx_jax.models.grouped_ffn import grouped_ffn
 from btx_jax.models.moe import MoE, MoEConfig
 from btx_jax.models.transformer import MLP, TransformerConfig
@@ -313,3 +313,18 @@ def test_grouped_ffn_matches_per_row_numpy(counts):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
     for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
         assert_close(a, b)
+
+
+def test_permute_rows_and_its_gradient_match_numpy():
+    """The sort into expert order and back: values, and the gradient (a gather by the inverse) against numpy."""
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(12, 3)).astype(np.float32)
+    cotangent = rng.normal(size=(12, 3)).astype(np.float32)
+    order = rng.permutation(12).astype(np.int32)
+    inverse = dispatch.inverse_permutation(jnp.asarray(order))
+    np.testing.assert_array_equal(np.asarray(inverse)[order], np.arange(12))
+    y, vjp = jax.vjp(lambda x: dispatch.permute_rows(x, jnp.asarray(order), inverse), jnp.asarray(x))
+    np.testing.assert_array_equal(y, x[order])
+    want = np.zeros_like(x)
+    want[order] = cotangent  # d/dx of sum(x[order] * c): row order[i] gets c[i]
+    np.testing.assert_array_equal(vjp(jnp.asarray(cotangent))[0], want)

@@ -95,6 +95,29 @@ def unpack(y, routing: Routing, kept, position, capacity: int, dtype):
     return jnp.einsum("gskd,gsk->gsd", picked, _gates(routing, kept, dtype))
 
 
+@jax.custom_vjp
+def permute_rows(x, order, inverse):
+    """x[order] for a permutation `order` whose inverse is `inverse`: the gradient is a gather by the
+    inverse, where autodiff would scatter-add (XLA:CPU's scatter: 13 -> 4 ms for the sort and unsort of
+    4,096 rows of width 512, fwd+bwd)."""
+    return x[order]
+
+
+def _permute_rows_fwd(x, order, inverse):
+    return x[order], inverse
+
+
+def _permute_rows_bwd(inverse, g):
+    return g[inverse], None, None
+
+
+permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
+
+
+def inverse_permutation(order):
+    return jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+
+
 def _resolve(impl: str) -> str:
     return ("blocks" if jax.default_backend() == "cpu" else "native") if impl == "auto" else impl
 
@@ -106,10 +129,11 @@ def _filled_buffers_ffn(buffers, filled, w, *, block: int, dtype):
     e, g, c, d = buffers.shape
     slot_filled = (jnp.arange(c)[None, None, :] < filled[..., None]).reshape(-1)
     order = jnp.argsort(~slot_filled, stable=True)  # filled slots first, expert-major
-    rows = buffers.reshape(-1, d).astype(dtype)[order]
+    inverse = inverse_permutation(order)
+    rows = permute_rows(buffers.reshape(-1, d).astype(dtype), order, inverse)
     y = grouped_ffn(rows, filled.sum(axis=1), w["gate"].astype(dtype), w["up"].astype(dtype),
                     w["down"].astype(dtype), block)
-    return jnp.zeros_like(y).at[order].set(y).reshape(e, g, c, d)
+    return permute_rows(y, inverse, order).reshape(e, g, c, d)
 
 
 def alltoall(x, routing: Routing, kept, w, *, position, capacity, dtype, dropout=0.0, rng=None,
@@ -146,21 +170,26 @@ def alltoall(x, routing: Routing, kept, w, *, position, capacity, dtype, dropout
 
 
 def _sort_by_expert(experts, mask, num_experts: int):
-    """Flattened choices [A] sorted by expert (padding last): order, per-expert counts."""
+    """Flattened choices [A] sorted by expert (padding last): order, its inverse, per-expert counts."""
     flat = jnp.where(mask[:, None], experts, num_experts).reshape(-1)
     order = jnp.argsort(flat, stable=True)
     counts = jnp.zeros((num_experts + 1,), jnp.int32).at[flat].add(1)[:num_experts]
-    return flat, order, counts
+    return flat, order, inverse_permutation(order), counts
+
+
+def _choice_rows(x, k: int, order, inverse, dtype):
+    """Tokens [N, D] -> one row per choice [N * K, D], sorted by expert."""
+    return permute_rows(jnp.repeat(x.astype(dtype), k, axis=0), order, inverse)
 
 
 def _dropless_blocks(x, experts, gates, mask, w, *, block: int, dtype):
     """CPU grouped matmul (:mod:`grouped_ffn`) over the expert-sorted rows."""
     n, d = x.shape
     num_experts = w["gate"].shape[0]
-    flat, order, counts = _sort_by_expert(experts, mask, num_experts)
-    rows = x.astype(dtype)[order // experts.shape[1]]
+    flat, order, inverse, counts = _sort_by_expert(experts, mask, num_experts)
+    rows = _choice_rows(x, experts.shape[1], order, inverse, dtype)
     y = grouped_ffn(rows, counts, w["gate"].astype(dtype), w["up"].astype(dtype), w["down"].astype(dtype), block)
-    y = jnp.zeros_like(y).at[order].set(y).reshape(*experts.shape, d)
+    y = permute_rows(y, inverse, order).reshape(*experts.shape, d)
     return jnp.einsum("nkd,nk->nd", y, gates)
 
 
@@ -168,13 +197,13 @@ def _dropless_ragged(x, experts, gates, mask, w, *, dtype, **_):
     """TPU/GPU grouped matmul: `jax.lax.ragged_dot` over the expert-sorted rows."""
     n, d = x.shape
     num_experts = w["gate"].shape[0]
-    flat, order, counts = _sort_by_expert(experts, mask, num_experts)
-    rows = x.astype(dtype)[order // experts.shape[1]]
+    flat, order, inverse, counts = _sort_by_expert(experts, mask, num_experts)
+    rows = _choice_rows(x, experts.shape[1], order, inverse, dtype)
     h = (jax.nn.silu(jax.lax.ragged_dot(rows, w["gate"].astype(dtype), counts))
          * jax.lax.ragged_dot(rows, w["up"].astype(dtype), counts))
     y = jax.lax.ragged_dot(h, w["down"].astype(dtype), counts)
     y = jnp.where((flat[order] < num_experts)[:, None], y, 0.0)  # rows past the groups are undefined
-    y = jnp.zeros_like(y).at[order].set(y).reshape(*experts.shape, d)
+    y = permute_rows(y, inverse, order).reshape(*experts.shape, d)
     return jnp.einsum("nkd,nk->nd", y, gates)
 
 
