@@ -2,18 +2,18 @@
 
 `jax.lax.ragged_dot` lowers natively only on TPU/GPU; on CPU it is masked-dense, so every
 expert multiplies every row and the cost grows with E. Here a loop over experts takes each
-expert's weights once and walks its rows in blocks: as many full blocks of `block` rows as
-fit, then the remainder in one block rounded up to a multiple of `granule` rows (a
-`lax.switch` over the block/granule possible sizes), so each expert costs at most one block
-call beyond its full blocks and computes fewer than `granule` rows in vain. Every block call
+expert's weights once and walks its rows in blocks: the rows past its last full block in one
+block rounded up to a multiple of `granule` rows (a `lax.switch` over the block/granule
+possible sizes), then as many full blocks of `block` rows as fit, so each expert costs at most
+one block call beyond its full blocks and computes fewer than `granule` rows in vain. Every block call
 re-reads the expert's weights and adds to its [D, F] weight gradients, so the number of calls,
 not the rows, is what grows with E (README: "MoE layer").
 
 Experts are visited in order, so the last, partial block of expert e may spill into rows of
 the experts after it: those rows are rewritten when their own expert is processed (and masked
 out of e's weight gradients). The backward pass is written by hand: weight gradients
-accumulate per expert in [D, F] registers and are written once, instead of an [E, D, F]
-cotangent per block.
+start from the rounded-up block's dots, accumulate over the full blocks in [D, F] registers and
+are written once, instead of an [E, D, F] cotangent per block.
 """
 from __future__ import annotations
 
@@ -23,20 +23,19 @@ import jax
 import jax.numpy as jnp
 
 
-def _walk_rows(start, count, block: int, granule: int, visit, carry):
-    """Calls carry = visit(carry, row0, size, valid_rows) over [start, start + count) in blocks.
-
-    `size` is static; `valid_rows` (dynamic) is < size only for the final, rounded-up block.
+def _walk_rows(start, count, block: int, granule: int, carry, visit_rest, visit_full, skip_rest=lambda c: c):
+    """Walks [start, start + count) in blocks: first the rows past the last full block, in one block
+    rounded up to a multiple of `granule` (carry = visit_rest(carry, row0, size, valid_rows), with
+    `size` static and `valid_rows` dynamic; skip_rest(carry) when there are none), then the full
+    blocks (carry = visit_full(carry, row0)). The rest comes first so that the backward's weight
+    gradients can start from its dots instead of from zeros: most experts have no full block at
+    large E.
     """
     full = count // block
-
-    def full_block(i, carry):
-        return visit(carry, start + i * block, block, block)
-
-    carry = jax.lax.fori_loop(0, full, full_block, carry)
     offset, rest = start + full * block, count - full * block
-    branches = [lambda c: c] + [lambda c, s=size: visit(c, offset, s, rest) for size in range(granule, block + 1, granule)]
-    return jax.lax.switch((rest + granule - 1) // granule, branches, carry)
+    branches = [skip_rest] + [lambda c, s=size: visit_rest(c, offset, s, rest) for size in range(granule, block + 1, granule)]
+    carry = jax.lax.switch((rest + granule - 1) // granule, branches, carry)
+    return jax.lax.fori_loop(0, full, lambda i, c: visit_full(c, start + i * block), carry)
 
 
 def default_granule(block: int) -> int:
@@ -77,7 +76,7 @@ def _forward(x, counts, w_gate, w_up, w_down, block, granule):
     def expert(carry, xs):
         start, count, wg, wu, wd = xs
 
-        def visit(carry, row0, size, _):
+        def visit(carry, row0, size, _=None):
             y, g_all, u_all = carry
             xb = jax.lax.dynamic_slice_in_dim(xp, row0, size)
             g, u = xb @ wg, xb @ wu
@@ -86,7 +85,7 @@ def _forward(x, counts, w_gate, w_up, w_down, block, granule):
             u_all = jax.lax.dynamic_update_slice_in_dim(u_all, u, row0, 0)
             return y, g_all, u_all
 
-        return _walk_rows(start, count, block, granule, visit, carry), None
+        return _walk_rows(start, count, block, granule, carry, visit, lambda c, row0: visit(c, row0, block)), None
 
     zeros = (jnp.zeros((rows + block, d), x.dtype), jnp.zeros((rows + block, f), x.dtype),
              jnp.zeros((rows + block, f), x.dtype))
@@ -103,24 +102,32 @@ def _backward(block, granule, residuals, dy):
     def expert(dx, xs):
         start, count, wg, wu, wd = xs
 
-        def visit(carry, row0, size, valid):
-            dx, dwg, dwu, dwd = carry
+        def block_grads(row0, size, valid):
+            """A block's input gradient rows and its contributions to the three weight gradients."""
             xb = jax.lax.dynamic_slice_in_dim(xp, row0, size)
             g = jax.lax.dynamic_slice_in_dim(g_all, row0, size)
             u = jax.lax.dynamic_slice_in_dim(u_all, row0, size)
-            mine = (jnp.arange(size) < valid)[:, None]  # rows of the next expert in a partial block
+            mine = (jnp.arange(size) < valid)[:, None]  # rows of the next experts in a rounded-up block
             dyb = jnp.where(mine, jax.lax.dynamic_slice_in_dim(dyp, row0, size), 0)
             sig = jax.nn.sigmoid(g)
             dh = dyb @ wd.T
-            dwd = dwd + (g * sig * u).T @ dyb
             dg, du = dh * u * sig * (1 + g * (1 - sig)), dh * g * sig
-            dwg, dwu = dwg + xb.T @ dg, dwu + xb.T @ du
-            dx = jax.lax.dynamic_update_slice_in_dim(dx, dg @ wg.T + du @ wu.T, row0, 0)
-            return dx, dwg, dwu, dwd
+            return dg @ wg.T + du @ wu.T, (xb.T @ dg, xb.T @ du, (g * sig * u).T @ dyb)
 
-        dx, dwg, dwu, dwd = _walk_rows(start, count, block, granule, visit,
-                                       (dx, jnp.zeros_like(wg), jnp.zeros_like(wu), jnp.zeros_like(wd)))
-        return dx, (dwg, dwu, dwd)
+        def visit_rest(dx, row0, size, valid):
+            dx_block, dw = block_grads(row0, size, valid)
+            return jax.lax.dynamic_update_slice_in_dim(dx, dx_block, row0, 0), dw
+
+        def visit_full(carry, row0):
+            dx, dw = carry
+            dx_block, dw_block = block_grads(row0, block, block)
+            dw = tuple(a + b for a, b in zip(dw, dw_block))
+            return jax.lax.dynamic_update_slice_in_dim(dx, dx_block, row0, 0), dw
+
+        def skip_rest(dx):
+            return dx, (jnp.zeros_like(wg), jnp.zeros_like(wu), jnp.zeros_like(wd))
+
+        return _walk_rows(start, count, block, granule, dx, visit_rest, visit_full, skip_rest)
 
     dx, (dwg, dwu, dwd) = jax.lax.scan(expert, jnp.zeros_like(xp), (starts, counts, w_gate, w_up, w_down))
     return dx[:rows], None, dwg, dwu, dwd
