@@ -39,7 +39,8 @@ def _walk_rows(start, count, block: int, granule: int, carry, visit_rest, visit_
 
 
 def default_granule(block: int) -> int:
-    """Remainder rounding: at most 16 remainder sizes (compile time), at most 8 rows in vain below 128-row blocks."""
+    """The remainder's rounding: at most 16 sizes to compile, fewer than 8 rows in vain per expert for blocks of
+    up to 128 rows (fewer than 16 for the default 256)."""
     granule = max(min(8, block), block // 16)
     while block % granule:
         granule -= 1
