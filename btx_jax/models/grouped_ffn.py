@@ -7,11 +7,11 @@ block rounded up to a multiple of `granule` rows (a `lax.switch` over the block/
 possible sizes), then as many full blocks of `block` rows as fit, so each expert costs at most
 one block call beyond its full blocks and computes fewer than `granule` rows in vain. Every block call
 re-reads the expert's weights and adds to its [D, F] weight gradients, so the number of calls,
-not the rows, is what grows with E (README: "MoE layer").
+not the rows, is what grows with E (README, "Benchmark").
 
-Experts are visited in order, so the last, partial block of expert e may spill into rows of
-the experts after it: those rows are rewritten when their own expert is processed (and masked
-out of e's weight gradients). The backward pass is written by hand: weight gradients
+Experts are visited in order, so an expert's rounded-up block may spill into rows of the
+experts after it: those rows are rewritten when their own expert is processed (and masked out
+of this expert's weight gradients). The backward pass is written by hand: weight gradients
 start from the rounded-up block's dots, accumulate over the full blocks in [D, F] registers and
 are written once, instead of an [E, D, F] cotangent per block.
 """
@@ -33,7 +33,8 @@ def _walk_rows(start, count, block: int, granule: int, carry, visit_rest, visit_
     """
     full = count // block
     offset, rest = start + full * block, count - full * block
-    branches = [skip_rest] + [lambda c, s=size: visit_rest(c, offset, s, rest) for size in range(granule, block + 1, granule)]
+    sizes = range(granule, block + 1, granule)
+    branches = [skip_rest] + [lambda c, s=size: visit_rest(c, offset, s, rest) for size in sizes]
     carry = jax.lax.switch((rest + granule - 1) // granule, branches, carry)
     return jax.lax.fori_loop(0, full, lambda i, c: visit_full(c, start + i * block), carry)
 
