@@ -7,6 +7,9 @@ optimizer update, outside the gradient and the optimizer.
 """
 from __future__ import annotations
 
+import collections
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -174,7 +177,8 @@ def make_train_step(setup: TrainSetup, batch_shardings: dict, config):
     ``router_bias`` in the state (moe.balance="bias") the bias is updated from the step's load.
     The learning-rate schedule's numbers (``setup.schedule_numbers``) and the router losses' weights
     (:func:`loss_weights`) are inputs of the compiled step, so runs that differ only in length, learning
-    rate or those weights reuse one program.
+    rate or those weights reuse one program; within a process they reuse the jitted step itself (see
+    :func:`program_fields`), so a recipe's later stages skip tracing and lowering too.
     """
     base_key = jax.random.key(config.train.seed)
     grad_fn = jax.value_and_grad(make_loss_fn(setup.graphdef, config), has_aux=True)
@@ -197,8 +201,9 @@ def make_train_step(setup: TrainSetup, batch_shardings: dict, config):
 
     replicated = NamedSharding(setup.mesh, P())
     in_shardings = (setup.state_shardings, batch_shardings, replicated, replicated)
-    jitted = _under_mesh(jax.jit(train_step, in_shardings=in_shardings, out_shardings=(setup.state_shardings, None),
-                                 donate_argnums=0), setup.mesh)
+    jitted = _reused(("train", program_fields(config), setup.mesh, tuple(sorted(batch_shardings.items()))), lambda: _under_mesh(
+        jax.jit(train_step, in_shardings=in_shardings, out_shardings=(setup.state_shardings, None), donate_argnums=0),
+        setup.mesh))
     numbers = jax.device_put(setup.schedule_numbers, replicated)
     weights = jax.device_put(loss_weights(config.get("moe")), replicated)
 
@@ -240,9 +245,48 @@ def make_eval_step(setup: TrainSetup, batch_shardings: dict):
         nll, _ = token_nll(logits, batch["targets"])
         return (nll * batch["loss_mask"]).sum(), batch["loss_mask"].sum()
 
-    jitted = _under_mesh(jax.jit(eval_step, in_shardings=(setup.state_shardings["params"], batch_shardings, None)),
-                         setup.mesh)
+    jitted = _reused(("eval", setup.graphdef, setup.mesh, tuple(sorted(batch_shardings.items()))), lambda: _under_mesh(
+        jax.jit(eval_step, in_shardings=(setup.state_shardings["params"], batch_shardings, None)), setup.mesh))
     return lambda params, batch, router_bias=None: jitted(params, batch, router_bias)
+
+
+# Fields that never reach a compiled step: the schedule's numbers and the router losses' weights are its inputs
+# (schedule_numbers, loss_weights), the rest is read by the host only.
+NOT_IN_PROGRAM = {"optim": ("lr", "warmup_steps", "min_lr_ratio"),
+                  "moe": ("router_z_weight", "load_balance_weight"),
+                  "train": ("steps", "log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
+                            "init_from", "peak_flops")}
+PROGRAM_SECTIONS = ("model", "moe", "optim", "train", "mesh")
+_KEPT_PROGRAMS = 8
+_programs: collections.OrderedDict = collections.OrderedDict()
+
+
+def program_fields(config) -> str:
+    """The config fields a train step is compiled from, as JSON: every field of its sections except those in
+    NOT_IN_PROGRAM (a field added to the config is in the key until it is listed there: two configs that differ
+    in it at worst compile twice, never share a program they should not)."""
+    fields = {name: {k: v for k, v in config[name].to_dict().items() if k not in NOT_IN_PROGRAM.get(name, ())}
+              for name in PROGRAM_SECTIONS if name in config}
+    return json.dumps(fields, sort_keys=True, default=str)
+
+
+def _reused(key, make):
+    """The jitted step of `key` made earlier in this process (the last few are kept), else `make()`: a recipe
+    trains a dozen stages of a few shapes in one process, and a new jitted function would trace, lower and
+    load its program again (3.8 s for the demo's MoE train step with the compilation cache warm).
+    Like any module-level jitted function, a program traced once does not see later monkeypatching of model
+    code; :func:`clear_programs` forgets them."""
+    if key in _programs:
+        _programs.move_to_end(key)
+        return _programs[key]
+    _programs[key] = made = make()
+    while len(_programs) > _KEPT_PROGRAMS:
+        _programs.popitem(last=False)
+    return made
+
+
+def clear_programs() -> None:
+    _programs.clear()
 
 
 def with_router_bias(fn, router_bias, expert_keep=None):

@@ -12,7 +12,7 @@ from flax import nnx
 
 from btx_jax import sharding, steps
 from btx_jax.models import dispatch, router as router_lib
-from btx_jax.models.grouped_ffn import grouped_ffn
+from btx_jax.models.grouped_ffn import default_granule, grouped_ffn
 from btx_jax.models.moe import MoE, MoEConfig
 from btx_jax.models.transformer import MLP, TransformerConfig
 from btx_jax.state import init_params, make_setup
@@ -278,6 +278,19 @@ def test_train_mode_uses_train_capacity_and_jitter():
     assert float(eval_aux["dropped_fraction"]) == 0.0
     assert float(train_aux["dropped_fraction"]) > 0.1
     assert float(train_aux["router_entropy"]) != pytest.approx(float(eval_aux["router_entropy"]), abs=1e-7)
+
+
+def test_default_granule_divides_the_block_and_bounds_sizes_and_waste():
+    """At most 16 remainder sizes; coarser only as far as 1/32 of an expert's expected rows (the rows computed
+    in vain per expert stay under that), never coarser than a quarter block."""
+    for block in (16, 24, 32, 128, 256, 512):
+        for rows, experts in ((0, 1), (4096, 32), (8192, 4), (65536, 8), (100, 3)):
+            granule = default_granule(block, rows, experts)
+            assert block % granule == 0 and block // granule <= 16
+            assert granule <= max(8, block // 16, rows // (32 * experts)) and granule <= max(block // 4, 8)
+    assert default_granule(256) == default_granule(256, 4096, 32) == 16  # MOE_BENCH's E=32 layer
+    assert default_granule(256, 8192, 4) == 64  # the demo MoE: 4 sizes
+    assert default_granule(32, 1024, 4) == 8  # the tests' 32-row blocks
 
 
 @pytest.mark.parametrize("counts", [[5, 0, 37, 16, 1, 0, 22, 3], [0, 0, 0, 0, 0, 0, 0, 84], [0] * 8])

@@ -13,7 +13,7 @@ import pytest
 from btx_jax import checkpoint, train
 from btx_jax.config import load_config
 from btx_jax.metrics import read_metrics
-from btx_jax.state import make_setup
+from btx_jax.state import init_params, make_setup
 from helpers import mesh_of, subprocess_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -187,10 +187,12 @@ def test_runs_that_differ_only_in_schedule_share_one_compiled_step():
     from btx_jax import steps as steps_lib
     from helpers import random_batch, tiny_config
 
-    def program(moe=None, **optim):
+    def program(moe=None, train=None, **optim):
+        steps_lib.clear_programs()  # a fresh trace each time, not the process's jitted step of an equal program
         config = tiny_config()
         config.optim.update(**{k: v for k, v in optim.items() if k != "steps"})
         config.train.steps = optim.get("steps", config.train.steps)
+        config.train.update(**(train or {}))
         if moe is not None:
             config.moe.update(num_experts=4, top_k=2, dispatcher="einsum", **moe)
         mesh = mesh_of(jax.devices()[:2])
@@ -201,10 +203,55 @@ def test_runs_that_differ_only_in_schedule_share_one_compiled_step():
 
     base = program()
     assert program(steps=77, lr=1e-4, warmup_steps=7, min_lr_ratio=0.5) == base
+    # the host-only fields of steps_lib.NOT_IN_PROGRAM
+    assert program(train=dict(log_every=3, eval_every=5, eval_batches=9, checkpoint_every=4, keep_checkpoints=1,
+                              init_from="/elsewhere", peak_flops=1e12)) == base
     assert program(z_loss=1e-3) != base
     moe = program(moe={})
     assert program(moe=dict(load_balance_weight=0.0, router_z_weight=0.1)) == moe
     assert program(moe=dict(balance="sequence")) != moe
+
+
+def test_a_process_reuses_the_jitted_step_of_an_equal_program_with_its_own_schedule():
+    """Stages that differ only in fields outside the program (steps_lib.NOT_IN_PROGRAM) get the jitted step made
+    earlier in the process (no second trace), run with their own schedule and loss weights: the update equals
+    that of a step made afresh. Any other difference (here Adam's b2) gets its own program."""
+    from btx_jax import steps as steps_lib
+    from helpers import random_batch, tiny_config
+
+    mesh = mesh_of(jax.devices()[:2])
+    shardings = steps_lib.batch_shardings(mesh)
+
+    def config_of(**optim):
+        config = tiny_config()
+        config.optim.update(**optim)
+        return config
+
+    def one_step(config):
+        setup = make_setup(config, mesh)
+        state = setup.init_state(init_params(config, setup, seed=0))
+        step = steps_lib.make_train_step(setup, shardings, config)
+        new_state, metrics = step(state, steps_lib.to_global(random_batch(config), shardings))
+        return jax.device_get(new_state["params"]), float(metrics["loss"])
+
+    steps_lib.clear_programs()
+    first = config_of(lr=1e-3, warmup_steps=2)
+    other = config_of(lr=3e-2, warmup_steps=0)
+    other.moe.update(load_balance_weight=0.5, router_z_weight=0.1)
+    other.train.update(steps=11, log_every=1, init_from="/elsewhere")
+    one_step(first)
+    assert len(steps_lib._programs) == 1
+    reused = one_step(other)
+    assert len(steps_lib._programs) == 1  # the same jitted step
+    steps_lib.clear_programs()
+    fresh = one_step(other)
+    assert reused[1] == fresh[1]
+    jax.tree.map(np.testing.assert_array_equal, reused[0], fresh[0])
+    untouched = one_step(first)[0]  # the same program again, with the first schedule: another update
+    assert len(steps_lib._programs) == 1
+    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(untouched), jax.tree.leaves(fresh[0])))
+    one_step(config_of(lr=1e-3, warmup_steps=2, b2=0.99))
+    assert len(steps_lib._programs) == 2
 
 
 def test_cross_entropy_and_its_hand_written_gradient_match_numpy():

@@ -39,10 +39,13 @@ def _walk_rows(start, count, block: int, granule: int, carry, visit_rest, visit_
     return jax.lax.fori_loop(0, full, lambda i, c: visit_full(c, start + i * block), carry)
 
 
-def default_granule(block: int) -> int:
-    """The remainder's rounding: at most 16 sizes to compile, fewer than 8 rows in vain per expert for blocks of
-    up to 128 rows (fewer than 16 for the default 256)."""
-    granule = max(min(8, block), block // 16)
+def default_granule(block: int, rows: int = 0, experts: int = 1) -> int:
+    """The remainder's rounding: at most 16 sizes to compile (a `lax.switch` branch each, in the forward and
+    the backward), fewer than 8 rows in vain per expert for blocks of up to 128 rows (fewer than 16 for the
+    default 256); coarser where an expert's expected share of the `rows` is large, so that the rounding
+    wastes at most 1/32 of it: the demo MoE (2,048 rows per expert, 256-row blocks) compiles 4 sizes,
+    its train step in 9.6 s against 12.0 s with 16, at the same step time (README, "Benchmark")."""
+    granule = max(min(8, block), block // 16, min(block // 4, rows // (32 * max(experts, 1))))
     while block % granule:
         granule -= 1
     return granule
@@ -56,9 +59,9 @@ def grouped_ffn(x, counts, w_gate, w_up, w_down, block: int = 128, granule: int 
     """x [R, D] rows sorted by expert, counts [E] rows per expert -> SwiGLU_e(row) [R, D].
 
     Rows past sum(counts) come out as zero when their inputs are zero (padding). `granule` must
-    divide `block` (default: :func:`default_granule`).
+    divide `block` (default: :func:`default_granule` of these rows and experts).
     """
-    granule = default_granule(block) if granule is None else granule
+    granule = default_granule(block, x.shape[0], counts.shape[0]) if granule is None else granule
     if not 1 <= granule <= block or block % granule:
         raise ValueError(f"granule {granule} must divide block {block}")
     return _grouped_ffn(x, counts, w_gate, w_up, w_down, block, granule)
