@@ -201,9 +201,9 @@ def make_train_step(setup: TrainSetup, batch_shardings: dict, config):
 
     replicated = NamedSharding(setup.mesh, P())
     in_shardings = (setup.state_shardings, batch_shardings, replicated, replicated)
-    jitted = _reused(("train", program_fields(config), setup.mesh, tuple(sorted(batch_shardings.items()))), lambda: _under_mesh(
-        jax.jit(train_step, in_shardings=in_shardings, out_shardings=(setup.state_shardings, None), donate_argnums=0),
-        setup.mesh))
+    key = ("train", program_fields(config), setup.mesh, tuple(sorted(batch_shardings.items())))
+    jitted = _reused(key, lambda: _under_mesh(jax.jit(train_step, in_shardings=in_shardings, donate_argnums=0,
+                                                      out_shardings=(setup.state_shardings, None)), setup.mesh))
     numbers = jax.device_put(setup.schedule_numbers, replicated)
     weights = jax.device_put(loss_weights(config.get("moe")), replicated)
 
@@ -245,7 +245,8 @@ def make_eval_step(setup: TrainSetup, batch_shardings: dict):
         nll, _ = token_nll(logits, batch["targets"])
         return (nll * batch["loss_mask"]).sum(), batch["loss_mask"].sum()
 
-    jitted = _reused(("eval", setup.graphdef, setup.mesh, tuple(sorted(batch_shardings.items()))), lambda: _under_mesh(
+    key = ("eval", setup.graphdef, setup.mesh, tuple(sorted(batch_shardings.items())))
+    jitted = _reused(key, lambda: _under_mesh(
         jax.jit(eval_step, in_shardings=(setup.state_shardings["params"], batch_shardings, None)), setup.mesh))
     return lambda params, batch, router_bias=None: jitted(params, batch, router_bias)
 
