@@ -287,6 +287,7 @@ def _reused(key, make):
 
 
 def clear_programs() -> None:
+    """Forgets the jitted steps kept by :func:`_reused` (the next make_*_step traces afresh)."""
     _programs.clear()
 
 
