@@ -341,3 +341,10 @@ def test_permute_rows_and_its_gradient_match_numpy():
     want = np.zeros_like(x)
     want[order] = cotangent  # d/dx of sum(x[order] * c): row order[i] gets c[i]
     np.testing.assert_array_equal(vjp(jnp.asarray(cotangent))[0], want)
+    # one row per choice of 6 tokens with K = 2 choices each (flattened [N, K] order), and its gradient
+    tokens = jnp.asarray(x[:6])
+    rows, vjp = jax.vjp(lambda t: dispatch._choice_rows(t, 2, jnp.asarray(order), inverse, jnp.float32), tokens)
+    np.testing.assert_array_equal(rows, np.repeat(x[:6], 2, axis=0)[order])
+    want = np.zeros((12, 3), np.float32)
+    want[order] = cotangent
+    np.testing.assert_allclose(vjp(jnp.asarray(cotangent))[0], want.reshape(6, 2, 3).sum(axis=1), rtol=1e-6)

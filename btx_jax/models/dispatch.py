@@ -14,6 +14,8 @@ dropped; they differ in how the work is laid out:
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
@@ -178,8 +180,26 @@ def _sort_by_expert(experts, mask, num_experts: int):
 
 
 def _choice_rows(x, k: int, order, inverse, dtype):
-    """Tokens [N, D] -> one row per choice [N * K, D], sorted by expert."""
-    return permute_rows(jnp.repeat(x.astype(dtype), k, axis=0), order, inverse)
+    """Tokens [N, D] -> one row per choice [N * K, D], sorted by expert (`order` sorts the flattened [N, K]
+    choices): one gather of token order // K, without the [N * K, D] repeat in between."""
+    return _gather_choices(x.astype(dtype), order, inverse, k)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _gather_choices(x, order, inverse, k):
+    return x[order // k]
+
+
+def _gather_choices_fwd(x, order, inverse, k):
+    return x[order // k], inverse
+
+
+def _gather_choices_bwd(k, inverse, g):
+    """Each token's gradient: the sum over its K choices, gathered back into token order (no scatter-add)."""
+    return g[inverse].reshape(-1, k, g.shape[-1]).sum(axis=1), None, None
+
+
+_gather_choices.defvjp(_gather_choices_fwd, _gather_choices_bwd)
 
 
 def _dropless_blocks(x, experts, gates, mask, w, *, block: int, dtype):
