@@ -12,7 +12,7 @@ from flax import nnx
 
 from btx_jax import sharding, steps
 from btx_jax.models import dispatch, router as router_lib
-from btx_jax.models.grouped_ffn import default_granule, grouped_ffn
+from btx_jax.models.grouped_ffn import default_capacity, default_granule, grouped_ffn
 from btx_jax.models.moe import MoE, MoEConfig
 from btx_jax.models.transformer import MLP, TransformerConfig
 from btx_jax.state import init_params, make_setup
@@ -293,39 +293,43 @@ def test_default_granule_divides_the_block_and_bounds_sizes_and_waste():
     assert default_granule(32, 1024, 4) == 8  # the tests' 32-row blocks
 
 
+@pytest.mark.parametrize("capacity", [None, 4, 40])
 @pytest.mark.parametrize("counts", [[5, 0, 37, 16, 1, 0, 22, 3], [0, 0, 0, 0, 0, 0, 0, 84], [0] * 8])
-def test_grouped_ffn_matches_per_row_numpy(counts):
-    """Full blocks, rounded-up remainder blocks spilling into the next experts: values and all gradients."""
+def test_grouped_ffn_matches_a_loop_over_experts(counts, capacity):
+    """The batched part (capacity rows per expert; default 12 here) and the overflow loop's full blocks and
+    rounded-up blocks spilling into the next experts (capacity 4, and 12 for 84 rows in one expert); 40:
+    no overflow at all. Values and all gradients against every expert applied to every row, masked."""
     rng = np.random.default_rng(5)
-    rows = 90  # > sum(counts): trailing zero rows are padding
-    total = sum(counts)
-    x = np.zeros((rows, D), np.float32)
-    x[:total] = rng.normal(size=(total, D))
+    rows = 90  # > sum(counts): trailing rows are padding, with nonzero inputs that must not leak
+    x = jnp.asarray(rng.normal(size=(rows, D)), jnp.float32)
     w = {"gate": rng.normal(0, D**-0.5, (E, D, F)), "up": rng.normal(0, D**-0.5, (E, D, F)),
          "down": rng.normal(0, F**-0.5, (E, F, D))}
     w = {k: jnp.asarray(v, jnp.float32) for k, v in w.items()}
-    expert_of_row = np.repeat(np.arange(E), counts)
+    expert_of_row = np.full(rows, -1)
+    expert_of_row[:sum(counts)] = np.repeat(np.arange(E), counts)
     cotangent = jnp.asarray(rng.normal(size=(rows, D)), jnp.float32)
 
-    def naive(x, w):  # each row through its own expert, with autodiff
-        out = []
-        for r in range(rows):
-            if r >= total:
-                out.append(jnp.zeros((D,)))
-                continue
-            e = expert_of_row[r]
-            out.append((jax.nn.silu(x[r] @ w["gate"][e]) * (x[r] @ w["up"][e])) @ w["down"][e])
-        return jnp.sum(jnp.stack(out) * cotangent)
-
-    def grouped(x, w):
-        y = grouped_ffn(x, jnp.asarray(counts, jnp.int32), w["gate"], w["up"], w["down"], block=16, granule=4)
+    def looped(x, w):
+        y = sum(jnp.asarray(expert_of_row == e)[:, None]
+                * ((jax.nn.silu(x @ w["gate"][e]) * (x @ w["up"][e])) @ w["down"][e]) for e in range(E))
         return jnp.sum(y * cotangent)
 
-    want, want_grads = jax.value_and_grad(naive, argnums=(0, 1))(jnp.asarray(x), w)
-    got, got_grads = jax.jit(jax.value_and_grad(grouped, argnums=(0, 1)))(jnp.asarray(x), w)
+    def grouped(x, w):
+        y = grouped_ffn(x, jnp.asarray(counts, jnp.int32), w["gate"], w["up"], w["down"], block=16, granule=4,
+                        capacity=capacity)
+        return jnp.sum(y * cotangent)
+
+    want, want_grads = jax.jit(jax.value_and_grad(looped, argnums=(0, 1)))(x, w)
+    got, got_grads = jax.jit(jax.value_and_grad(grouped, argnums=(0, 1)))(x, w)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
     for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
         assert_close(a, b)
+    assert not np.any(np.asarray(got_grads[0])[sum(counts):])  # padding rows get no gradient
+
+
+def test_default_capacity_is_the_expected_share_rounded_up():
+    assert default_capacity(128, 16) == 128 and default_capacity(127.5, 16) == 128 and default_capacity(129, 16) == 144
+    assert default_capacity(0.5, 8) == 8  # at least one granule
 
 
 def test_permute_rows_and_its_gradient_match_numpy():
