@@ -113,8 +113,8 @@ def _layout(counts, rows: int, capacity: int) -> _Layout:
 
 
 def _take_rows(a, index):
-    """a[index] along the rows, where index == len(a) picks a zero row."""
-    return jnp.concatenate([a, jnp.zeros((1, a.shape[1]), a.dtype)])[index]
+    """a[index] along the rows, where index == len(a) picks a zero row (a gather that fills, not a padded copy)."""
+    return jnp.take(a, index, axis=0, mode="fill", fill_value=0)
 
 
 def _combine(layout: _Layout, batched, overflow):
