@@ -296,7 +296,7 @@ def test_default_granule_divides_the_block_and_bounds_sizes_and_waste():
 @pytest.mark.parametrize("capacity", [None, 4, 40])
 @pytest.mark.parametrize("counts", [[5, 0, 37, 16, 1, 0, 22, 3], [0, 0, 0, 0, 0, 0, 0, 84], [0] * 8])
 def test_grouped_ffn_matches_a_loop_over_experts(counts, capacity):
-    """The batched part (capacity rows per expert; default 12 here) and the overflow loop's full blocks and
+    """The batched part (capacity rows per expert; default 12 here) and the loop's full blocks and
     rounded-up blocks spilling into the next experts (capacity 4, and 12 for 84 rows in one expert); 40:
     no overflow at all. Values and all gradients against every expert applied to every row, masked."""
     rng = np.random.default_rng(5)

@@ -124,19 +124,19 @@ def _resolve(impl: str) -> str:
     return ("blocks" if jax.default_backend() == "cpu" else "native") if impl == "auto" else impl
 
 
-def _filled_buffers_ffn(buffers, filled, w, *, choices_per_group: int, block: int, dtype):
+def _filled_buffers_ffn(buffers, filled, w, *, expected_rows: float, block: int, dtype):
     """Expert FFN on capacity buffers [E, G, C, D] whose first `filled[e, g]` slots hold tokens:
     the filled rows are compacted (still in expert order) for :func:`grouped_ffn`, so the
-    capacity slack costs no FLOPs. Its batched part holds each expert's expected share of the
-    choices (G * choices_per_group / E rows), not the C slots per group."""
+    capacity slack costs no FLOPs. Its batched part holds `expected_rows` per expert (an expert's
+    share of the routed choices), not the G * C slots."""
     e, g, c, d = buffers.shape
     slot_filled = (jnp.arange(c)[None, None, :] < filled[..., None]).reshape(-1)
     order = jnp.argsort(~slot_filled, stable=True)  # filled slots first, expert-major
     inverse = inverse_permutation(order)
     rows = permute_rows(buffers.reshape(-1, d).astype(dtype), order, inverse)
-    granule = default_granule(block, g * choices_per_group, e)
+    granule = default_granule(block, int(expected_rows * e), e)
     y = grouped_ffn(rows, filled.sum(axis=1), w["gate"].astype(dtype), w["up"].astype(dtype),
-                    w["down"].astype(dtype), block, granule, default_capacity(g * choices_per_group / e, granule))
+                    w["down"].astype(dtype), block, granule, default_capacity(expected_rows, granule))
     return permute_rows(y, inverse, order).reshape(e, g, c, d)
 
 
@@ -157,8 +157,9 @@ def alltoall(x, routing: Routing, kept, w, *, position, capacity, dtype, dropout
             filled = jax.lax.all_to_all(filled, "expert", split_axis=0, concat_axis=1, tiled=True)
             rng = None if rng is None else jax.random.fold_in(rng, jax.lax.axis_index("expert"))
         if skip_empty:
-            choices = routing.experts.shape[1] * routing.experts.shape[2]  # S * K of a group
-            y = _filled_buffers_ffn(buffers, filled, w, choices_per_group=choices, block=block, dtype=dtype)
+            # every group's S * K choices spread over all E experts (this device holds E / ways of them)
+            expected = buffers.shape[1] * routing.experts.shape[1] * routing.experts.shape[2] / num_experts
+            y = _filled_buffers_ffn(buffers, filled, w, expected_rows=expected, block=block, dtype=dtype)
         else:
             y = expert_ffn(buffers, w, dtype, dropout, rng)
         if ways > 1:
