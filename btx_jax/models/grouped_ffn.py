@@ -13,7 +13,9 @@ expert multiplies every row and the cost grows with E. Here the work is split in
   `lax.switch` over the block/granule possible sizes), then as many full blocks of `block` rows
   as fit. Each visited expert's weights are copied out of the stacked [E, D, F] arrays and its
   gradients added back: a fixed cost per expert, which is why this part is kept to the experts
-  that need it. Nothing is dropped: a skewed routing costs more loop steps, never wrong rows.
+  that need it. Nothing is dropped: a skewed routing costs more loop steps and leaves slots of the
+  batched part empty (at worst, every row in one expert, about twice the FLOPs of the rows), never
+  wrong rows.
 
 Experts are visited in order, so an expert's rounded-up block may spill into rows of the experts
 after it: those rows are taken from the batched part or rewritten when their own expert is
