@@ -31,5 +31,6 @@ def host_memory_line() -> str:
     """How this process's malloc gets its pages: the setting both sides of a bench run with."""
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     if "glibc.malloc.hugetlb=1" in tunables:
-        return "host memory: transparent huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1; BTX_JAX_HUGE_PAGES=0 runs without)"
+        kept = ", freed memory kept" if "glibc.malloc.mmap_max=0" in tunables else ""
+        return f"host memory: transparent huge pages{kept} (GLIBC_TUNABLES={tunables}; BTX_JAX_HUGE_PAGES=0 runs without)"
     return "host memory: 4 KiB pages (no glibc.malloc.hugetlb tunable: BTX_JAX_HUGE_PAGES=0, or huge pages off here)"

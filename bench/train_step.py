@@ -18,7 +18,7 @@ import sys
 if __name__ == "__main__":  # before jax is imported: both sides run with the CLI's host memory setting
     from btx_jax import host_memory
 
-    host_memory.reexec_with_huge_pages()
+    host_memory.reexec_with_huge_pages(keep_freed=True)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 

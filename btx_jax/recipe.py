@@ -34,7 +34,7 @@ import time
 if __name__ == "__main__":  # before jax is imported: see btx_jax/host_memory.py
     from btx_jax import host_memory
 
-    host_memory.reexec_with_huge_pages()
+    host_memory.reexec_with_huge_pages(keep_freed=True)
 
 import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402

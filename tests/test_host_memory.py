@@ -20,6 +20,43 @@ def test_the_tunable_joins_the_ones_already_set():
     assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
 
 
+def test_keep_freed_adds_the_tunables_not_set_already():
+    env = host_memory.environ_with_huge_pages({}, MADVISE, keep_freed=True)
+    assert env["GLIBC_TUNABLES"] == ("glibc.malloc.hugetlb=1:glibc.malloc.arena_max=2:glibc.malloc.mmap_max=0:"
+                                     "glibc.malloc.trim_threshold=68719476736")
+    env = host_memory.environ_with_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.arena_max=8"}, MADVISE, keep_freed=True)
+    assert env["GLIBC_TUNABLES"] == ("glibc.malloc.arena_max=8:glibc.malloc.hugetlb=1:glibc.malloc.mmap_max=0:"
+                                     "glibc.malloc.trim_threshold=68719476736")
+
+
+def test_kept_memory_is_not_faulted_in_again():
+    """What KEEP_FREED is for: a big block freed and allocated again (as XLA:CPU does with each step's
+    temporaries) reuses its pages instead of mapping fresh ones (~25,600 faults per 100 MB otherwise)."""
+    script = textwrap.dedent("""
+        import ctypes, resource
+        libc = ctypes.CDLL(None)
+        libc.malloc.restype = ctypes.c_void_p
+        libc.free.argtypes = [ctypes.c_void_p]
+        faults = []
+        for _ in range(5):
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            block = libc.malloc(100_000_000)
+            ctypes.memset(block, 1, 100_000_000)  # every page touched
+            libc.free(block)
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        print(sum(faults[1:]) / 4)
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "BTX_JAX_HUGE_PAGES")}
+
+    def faults(tunables):
+        run = subprocess.run([sys.executable, "-c", script], env={**env, "GLIBC_TUNABLES": tunables},
+                             capture_output=True, text=True, check=True)
+        return float(run.stdout.split()[-1])
+
+    fresh, kept = faults(""), faults(":".join(host_memory.KEEP_FREED))
+    assert fresh > 20_000 and kept < 1_000, (fresh, kept)
+
+
 def test_no_restart_where_it_would_change_nothing():
     assert host_memory.environ_with_huge_pages({}, None) is None  # not Linux, or no THP file
     assert host_memory.environ_with_huge_pages({}, "always madvise [never]\n") is None  # huge pages off
