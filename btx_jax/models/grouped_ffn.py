@@ -44,7 +44,6 @@ def _walk_rows(start, count, block: int, granule: int, carry, visit_rest, visit_
     blocks (carry = visit_full(carry, row0)). The rest comes first so that the backward's weight
     gradients can start from its dots instead of from zeros.
     """
-    count = jnp.maximum(count, 0)
     full = count // block
     offset, rest = start + full * block, count - full * block
     sizes = range(granule, block + 1, granule)
