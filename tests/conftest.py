@@ -1,4 +1,5 @@
 """Test set-up: 8 fake CPU devices (set before jax is imported) so sharding is tested for real."""
+import fcntl
 import os
 
 # LLVM optimization level 0: the tests' programs are tiny, so compiling them costs more than running
@@ -23,14 +24,23 @@ compilation_cache.enable()
 
 
 @pytest.fixture(scope="session")
-def demo_data_dir(tmp_path_factory):
-    """The full demo corpus (code, math, prose) built once per test worker (~10 s)."""
+def demo_data_dir(tmp_path_factory, worker_id):
+    """The full demo corpus (code, math, prose and the recipe's out-of-domain docs), built once per test run
+    (~8 s) and shared by the xdist workers: the first to take the lock builds it while the other waits.
+    Every domain a test reads is built here, so no test writes into it."""
     from btx_jax.data.build import build_all
-    from btx_jax.config import base_config
+    from btx_jax.config import load_config
 
-    data = base_config().data
-    data.data_dir = str(tmp_path_factory.mktemp("tfds"))
-    build_all(data)
+    root = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        root = root.parent  # the run's directory, above the workers' own
+    data = load_config(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "btx_demo.py")).data
+    data.data_dir = str(root / "demo_corpus")
+    with open(root / "demo_corpus.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not (root / "demo_corpus.done").exists():
+            build_all(data)
+            (root / "demo_corpus.done").touch()
     return data.data_dir
 
 
