@@ -296,8 +296,8 @@ def test_default_granule_divides_the_block_and_bounds_sizes_and_waste():
 @pytest.mark.parametrize("capacity", [None, 4, 40])
 @pytest.mark.parametrize("counts", [[5, 0, 37, 16, 1, 0, 22, 3], [0, 0, 0, 0, 0, 0, 0, 84], [0] * 8])
 def test_grouped_ffn_matches_a_loop_over_experts(counts, capacity):
-    """The batched part (capacity rows per expert; default 12 here) and the loop's full blocks and
-    rounded-up blocks spilling into the next experts (capacity 4, and 12 for 84 rows in one expert); 40:
+    """The batched part (capacity rows per expert; default 16 here) and the loop's full blocks and
+    rounded-up blocks spilling into the next experts (capacity 4, and 16 for 84 rows in one expert); 40:
     no overflow at all. Values and all gradients against every expert applied to every row, masked."""
     rng = np.random.default_rng(5)
     rows = 90  # > sum(counts): trailing rows are padding, with nonzero inputs that must not leak
@@ -327,8 +327,10 @@ def test_grouped_ffn_matches_a_loop_over_experts(counts, capacity):
     assert not np.any(np.asarray(got_grads[0])[sum(counts):])  # padding rows get no gradient
 
 
-def test_default_capacity_is_the_expected_share_rounded_up():
-    assert default_capacity(128, 16) == 128 and default_capacity(127.5, 16) == 128 and default_capacity(129, 16) == 144
+def test_default_capacity_is_the_expected_share_and_one_deviation_rounded_up():
+    # 256 + sqrt(256) = 272; 1024 + 32 = 1056; 112 + 10.6 = 122.6 -> 128; 100 + 10 = 110 -> 112
+    assert default_capacity(256, 16) == 272 and default_capacity(1024, 16) == 1056
+    assert default_capacity(112, 16) == 128 and default_capacity(100, 8) == 112
     assert default_capacity(0.5, 8) == 8  # at least one granule
 
 

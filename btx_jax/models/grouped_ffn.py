@@ -7,8 +7,9 @@ expert multiplies every row and the cost grows with E. Here the work is split in
   [E, capacity, D] buffer (slots past an expert's rows are zero) and run as three batched
   matmuls, as a capacity-based layer would. A batched matmul costs about what a dense one of the
   same FLOPs costs, whatever E (README, "Benchmark"), so this part is flat in E; the default
-  capacity is an expert's expected share of the rows, so the zero slots cost little.
-- **The overflow.** Rows past `capacity` (experts above their expected share) are walked by a loop
+  capacity is an expert's expected share of the rows plus one standard deviation of a random
+  routing's count, so the zero slots cost little and few experts overflow.
+- **The overflow.** Rows past `capacity` (experts well above their expected share) are walked by a loop
   over only those experts, in blocks: one block rounded up to a multiple of `granule` rows (a
   `lax.switch` over the block/granule possible sizes), then as many full blocks of `block` rows
   as fit. Each visited expert's weights are copied out of the stacked [E, D, F] arrays and its
@@ -26,15 +27,18 @@ activations (few rows) instead of keeping [R, F] buffers of them.
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-# The batched part's rows per expert, as a multiple of the expert's expected share of the rows. At
-# 1.0 an expert above its share overflows into the loop; above 1.0 fewer experts do, and every
-# expert below computes more zero slots (README, "Benchmark").
-CAPACITY_FACTOR = 1.0
+# The batched part's rows per expert: the expert's expected share of the rows plus this many standard
+# deviations of a uniformly random routing's count (sqrt of the share). Each expert above its capacity
+# costs a loop visit, which copies its weights; each slot of slack costs one row's FLOPs for every
+# expert. At 0 about half the experts visit the loop; at 1 about one in six, for a slack of
+# 1 / sqrt(share) (6% at E = 32 of the bench's 4,096 rows, 3% at E = 4) (README, "Benchmark").
+CAPACITY_STDS = 1.0
 
 
 def _walk_rows(start, count, block: int, granule: int, carry, visit_rest, visit_full, skip_rest=lambda c: c):
@@ -64,9 +68,10 @@ def default_granule(block: int, rows: int = 0, experts: int = 1) -> int:
 
 
 def default_capacity(expected_rows: float, granule: int = 8) -> int:
-    """The batched part's rows per expert: CAPACITY_FACTOR x `expected_rows` (an expert's mean share of the
-    rows), rounded up to a multiple of `granule`."""
-    return max(granule, -(-int(CAPACITY_FACTOR * expected_rows) // granule) * granule)
+    """The batched part's rows per expert: `expected_rows` (an expert's mean share of the rows) plus
+    CAPACITY_STDS x sqrt(expected_rows), rounded up to a multiple of `granule`."""
+    rows = expected_rows + CAPACITY_STDS * math.sqrt(expected_rows)
+    return max(granule, math.ceil(rows / granule) * granule)
 
 
 def grouped_ffn(x, counts, w_gate, w_up, w_down, block: int = 128, granule: int | None = None,
