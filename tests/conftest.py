@@ -24,7 +24,7 @@ compilation_cache.enable()
 
 
 @pytest.fixture(scope="session")
-def demo_data_dir(tmp_path_factory, worker_id):
+def demo_data_dir(tmp_path_factory):
     """The full demo corpus (code, math, prose and the recipe's out-of-domain docs), built once per test run
     (~8 s) and shared by the xdist workers: the first to take the lock builds it while the other waits.
     Every domain a test reads is built here, so no test writes into it."""
@@ -32,7 +32,7 @@ def demo_data_dir(tmp_path_factory, worker_id):
     from btx_jax.config import load_config
 
     root = tmp_path_factory.getbasetemp()
-    if worker_id != "master":
+    if os.environ.get("PYTEST_XDIST_WORKER"):
         root = root.parent  # the run's directory, above the workers' own
     data = load_config(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "btx_demo.py")).data
     data.data_dir = str(root / "demo_corpus")
