@@ -37,7 +37,8 @@ import jax.numpy as jnp
 # deviations of a uniformly random routing's count (sqrt of the share). Each expert above its capacity
 # costs a loop visit, which copies its weights; each slot of slack costs one row's FLOPs for every
 # expert. At 0 about half the experts visit the loop; at 1 about one in six, for a slack of
-# 1 / sqrt(share) (6% at E = 32 of the bench's 4,096 rows, 3% at E = 4) (README, "Benchmark").
+# 1 / sqrt(share) before rounding up to the granule (of the bench's 4,096 rows: 3% at E = 4, 6% at E = 8
+# and 16, 12.5% at E = 32) (README, "Benchmark").
 CAPACITY_STDS = 1.0
 
 
