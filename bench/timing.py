@@ -29,8 +29,10 @@ def minor_faults(fn) -> int:
 
 def host_memory_line() -> str:
     """How this process's malloc gets its pages: the setting both sides of a bench run with."""
+    from btx_jax import host_memory  # the jax side only (the torch venv has no btx_jax); imports nothing heavy
+
     tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if "glibc.malloc.hugetlb=1" in tunables:
-        kept = ", freed memory kept" if "glibc.malloc.mmap_max=0" in tunables else ""
+    if host_memory.TUNABLE in tunables:
+        kept = ", freed memory kept" if all(t.split("=")[0] in tunables for t in host_memory.KEEP_FREED) else ""
         return f"host memory: transparent huge pages{kept} (GLIBC_TUNABLES={tunables}; BTX_JAX_HUGE_PAGES=0 runs without)"
     return "host memory: 4 KiB pages (no glibc.malloc.hugetlb tunable: BTX_JAX_HUGE_PAGES=0, or huge pages off here)"

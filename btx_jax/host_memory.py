@@ -42,7 +42,7 @@ def environ_with_huge_pages(environ, thp_mode: str | None, keep_freed: bool = Fa
     if (thp_mode is None or "[madvise]" not in thp_mode or "glibc.malloc.hugetlb" in tunables
             or environ.get(OPT_OUT) == "0"):
         return None
-    added = [TUNABLE] + [t for t in KEEP_FREED if keep_freed and t.split("=")[0] + "=" not in tunables]
+    added = [TUNABLE] + [t for t in (KEEP_FREED if keep_freed else ()) if t.split("=")[0] + "=" not in tunables]
     return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, [tunables, *added]))}
 
 
