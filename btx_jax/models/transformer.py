@@ -123,11 +123,19 @@ def rope_frequencies(cfg: TransformerConfig) -> np.ndarray:
     return inv_freq.astype(np.float32)
 
 
-def rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotary embedding, rotate-half convention (as Llama in Hugging Face). x: [B, T, N, Dh]."""
-    half = x.shape[-1] // 2
+def rope_tables(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """cos and sin of the rotary angles, [B, T, 1, Dh/2] each, computed once per forward for every layer.
+    The optimization barrier keeps them materialised: without it XLA fuses the cos and sin into each
+    consumer, recomputing them for every head and element of q, k and their gradients in every layer."""
     angles = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)  # [B, T, Dh/2]
-    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+    cos, sin = jax.lax.optimization_barrier((jnp.cos(angles), jnp.sin(angles)))
+    return cos[:, :, None, :], sin[:, :, None, :]
+
+
+def rope(x: jax.Array, rotary: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotary embedding, rotate-half convention (as Llama in Hugging Face). x: [B, T, N, Dh]; rotary: rope_tables."""
+    cos, sin = rotary
+    half = x.shape[-1] // 2
     x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
@@ -141,38 +149,45 @@ def attention_mask(segment_ids: jax.Array) -> jax.Array:
 
 
 CAUSAL_BLOCK = 64  # the smallest query block of causal_attention (measured best for T = 256 and 512 on CPU)
-CAUSAL_BLOCKS = 8  # at most this many blocks: a long sequence gets longer blocks, not a longer program
+CAUSAL_BLOCKS = 4  # at most this many blocks: a long sequence gets longer blocks, not a longer program
 _MASKED = float(jnp.finfo(jnp.float32).min)
 
 
 def attend(q, k, v, mask):
-    """Grouped-query attention (q [B, T, H, Dh], k/v [B, S, K, Dh], mask [B, 1, T, S]) with the softmax's
-    normalisation applied to the output: out = (exp(s - max) @ v) / sum(exp(s - max)), dividing the
-    [B, T, H, Dh] output instead of the [B, H, T, S] probabilities. The einsums keep each K/V head
-    shared by its group of query heads without copies; on CPU this is twice as fast as
-    ``jax.nn.dot_product_attention`` (fwd+bwd at the demo's shape, see README "Benchmark").
-    Scores and softmax in float32; every query row must see at least one key (the causal diagonal)."""
-    b, t, h, dh = q.shape
-    kv_heads = k.shape[2]
-    q = q.reshape(b, t, kv_heads, h // kv_heads, dh) * (dh ** -0.5)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = jnp.where(mask[:, :, None], scores, _MASKED)
+    """Grouped-query attention in head-major layout: q [B, K, G, T, Dh] (already scaled), k/v [B, K, S, Dh],
+    mask [B, 1, 1, T, S] -> [B, K, G, T, Dh]. The softmax's normalisation is applied to the output,
+    out = (exp(s - max) @ v) / sum(exp(s - max)), dividing the [.., T, Dh] output instead of the [.., T, S]
+    probabilities; each K/V head is shared by its group of query heads without copies. Scores and softmax
+    in float32; every query row must see at least one key (the causal diagonal)."""
+    scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask, scores, _MASKED)
     weights = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
-    out = jnp.einsum("bkgts,bskd->btkgd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    out = out / jnp.einsum("bkgt->btkg", jnp.sum(weights, axis=-1))[..., None]
-    return out.astype(q.dtype).reshape(b, t, h, dh)
+    out = jnp.einsum("bkgts,bksd->bkgtd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out / jnp.sum(weights, axis=-1, keepdims=True)
 
 
 def causal_attention(q, k, v, mask, block: int | None = None):
-    """`attend` that skips the key blocks the causal mask hides: query block i attends only to keys
-    [0, (i + 1) * block), so a T = 4 * block sequence computes 10/16 of the scores. The hidden keys have
-    weight exactly 0 in the full softmax, so the result is the same. `block`: by default T / 8, at least 64."""
-    t = q.shape[1]
+    """Causal grouped-query attention, q [B, T, H, Dh], k/v [B, S, K, Dh], mask [B, 1, T, S] -> [B, T, H, Dh],
+    that skips the key blocks the causal mask hides: query block i attends only to keys [0, (i + 1) * block),
+    so a T = 4 * block sequence computes 10/16 of the scores. The hidden keys have weight exactly 0 in the
+    full softmax, so the result is the same. `block`: by default T / 4, at least 64.
+
+    q, k and v are transposed to head-major [B, K, (G,) T, Dh] once, so that every block's matmuls read
+    contiguous [T, Dh] slices per head and the backward's gradient sums are plain adds (in the [B, T, H, Dh]
+    layout each block's slices and partial gradients were strided copies: 1.7x slower fwd+bwd at
+    DENSE_BENCH's shape, see README "Benchmark")."""
+    b, t, h, dh = q.shape
+    kv_heads = k.shape[2]
     block = block or max(CAUSAL_BLOCK, t // CAUSAL_BLOCKS)
+    q = (q * (dh ** -0.5)).reshape(b, t, kv_heads, h // kv_heads, dh).transpose(0, 2, 3, 1, 4)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    mask = mask[:, :, None]
     if t < 2 * block or t % block:
-        return attend(q, k, v, mask)
-    return jnp.concatenate([attend(q[:, i:i + block], k[:, :i + block], v[:, :i + block], mask[:, :, i:i + block, :i + block])
-                            for i in range(0, t, block)], axis=1)
+        out = attend(q, k, v, mask)
+    else:
+        out = jnp.concatenate([attend(q[..., i:i + block, :], k[..., :i + block, :], v[..., :i + block, :],
+                                      mask[..., i:i + block, :i + block]) for i in range(0, t, block)], axis=3)
+    return out.astype(q.dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
 
 
 class Attention(nnx.Module):
@@ -184,12 +199,10 @@ class Attention(nnx.Module):
         self.k = Projection((d, k, dh), ("embed", "kv_heads", "head_dim"), std=std, cfg=cfg, rngs=rngs)
         self.v = Projection((d, k, dh), ("embed", "kv_heads", "head_dim"), std=std, cfg=cfg, rngs=rngs)
         self.o = Projection((h, dh, d), ("heads", "head_dim", "embed"), std=std, cfg=cfg, rngs=rngs)
-        self.cfg = cfg
 
-    def __call__(self, x, segment_ids, positions):
-        inv_freq = rope_frequencies(self.cfg)
-        q = rope(self.q("btd,dhk->bthk", x), positions, inv_freq)
-        k = rope(self.k("btd,dnk->btnk", x), positions, inv_freq)
+    def __call__(self, x, segment_ids, rotary):
+        q = rope(self.q("btd,dhk->bthk", x), rotary)
+        k = rope(self.k("btd,dnk->btnk", x), rotary)
         v = self.v("btd,dnk->btnk", x)
         q = constrain(q, "batch", "length", "act_heads", None)
         return self.o("bthk,hkd->btd", causal_attention(q, k, v, attention_mask(segment_ids)[:, 0]))
@@ -225,9 +238,10 @@ class Block(nnx.Module):
         else:
             self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x, segment_ids, positions, *, train: bool = False, rng=None, probe: bool = False,
+    def __call__(self, x, segment_ids, rotary, *, train: bool = False, rng=None, probe: bool = False,
                  router_bias=None, expert_keep=None):
-        x = x + self.attn(self.attn_norm(x), segment_ids, positions)
+        """`rotary`: the rope_tables of the tokens' positions."""
+        x = x + self.attn(self.attn_norm(x), segment_ids, rotary)
         aux = {}
         if hasattr(self, "moe"):
             y, aux = self.moe(self.mlp_norm(x), segment_ids, train=train, rng=rng, probe=probe, router_bias=router_bias,
@@ -297,7 +311,8 @@ class Transformer(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         x = constrain(self.embed(tokens), "batch", "length", "act_embed")
         rng = jax.random.key(0) if rng is None else rng
-        x, aux = self._apply_layers(x, segment_ids, positions, train, rng, probe, router_bias, expert_keep)
+        rotary = rope_tables(positions, rope_frequencies(self.cfg))
+        x, aux = self._apply_layers(x, segment_ids, rotary, train, rng, probe, router_bias, expert_keep)
         x = self.final_norm(x)
         if self.cfg.tie_embeddings:
             logits = self.embed.attend(x)
@@ -305,14 +320,14 @@ class Transformer(nnx.Module):
             logits = self.lm_head("btd,dv->btv", x)
         return constrain(logits.astype(jnp.float32), "batch", "length", "act_vocab"), aux
 
-    def _apply_layers(self, x, segment_ids, positions, train, rng, probe, router_bias, expert_keep):
+    def _apply_layers(self, x, segment_ids, rotary, train, rng, probe, router_bias, expert_keep):
         """The layer stack as scans; `router_bias` [L_moe, E] (or None) is scanned alongside the MoE blocks,
         `expert_keep` (the same for every layer) is closed over."""
         cfg = self.cfg
 
         def scan_blocks(x, blocks, keys, unroll, bias=None):
             def apply_block(x, block, key, bias):
-                return block(x, segment_ids, positions, train=train, rng=key, probe=probe, router_bias=bias,
+                return block(x, segment_ids, rotary, train=train, rng=key, probe=probe, router_bias=bias,
                              expert_keep=expert_keep)
 
             if cfg.remat != "none":
@@ -328,7 +343,7 @@ class Transformer(nnx.Module):
 
         def apply_group(x, moe_block, dense_blocks, key, bias):
             x, _ = scan_blocks(x, dense_blocks, jax.random.split(key, cfg.moe.moe_every - 1), 1)
-            return moe_block(x, segment_ids, positions, train=train, rng=key, probe=probe, router_bias=bias,
+            return moe_block(x, segment_ids, rotary, train=train, rng=key, probe=probe, router_bias=bias,
                              expert_keep=expert_keep)
 
         scan = nnx.scan(apply_group, in_axes=(nnx.Carry, 0, 0, 0, 0), out_axes=(nnx.Carry, 0),
