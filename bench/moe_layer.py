@@ -62,10 +62,14 @@ def layer_runner(make_module, moe: bool):
     return run
 
 
-def interleaved(runners: dict, rounds: int) -> dict:
-    """Median seconds per call of each runner, one call of each per round after a warm-up call."""
-    for run in runners.values():
+def interleaved(runners: dict, rounds: int, first: dict | None = None) -> dict:
+    """Median seconds per call of each runner, one call of each per round after a warm-up call (its
+    seconds, tracing and compiling included, go to `first` when given)."""
+    for name, run in runners.items():
+        start = time.perf_counter()
         run()
+        if first is not None:
+            first[name] = time.perf_counter() - start
     times = {name: [] for name in runners}
     for _ in range(rounds):
         for name, run in runners.items():
@@ -94,10 +98,13 @@ def bench_layers(experts_list, repeats: int, group_size: int) -> None:
     for experts in experts_list:
         runners = {"dense": layer_runner(dense_module(), moe=False)}
         runners |= {d: layer_runner(moe_module(d, experts, group_size), moe=True) for d in DISPATCHERS}
-        times = interleaved(runners, repeats)
+        first = {}
+        times = interleaved(runners, repeats, first)
         by_experts[experts] = times
         print(f"E={experts:>2}: dense {times['dense'] * 1e3:7.1f} ms | " + " | ".join(
             f"{d} {times[d] * 1e3:7.1f} ms = {times[d] / times['dense']:.2f}x" for d in DISPATCHERS), flush=True)
+        print("      first call (trace + compile + run): " + " | ".join(f"{name} {t:.1f} s" for name, t in first.items()),
+              flush=True)
     if len(experts_list) > 1:
         lo, hi = experts_list[0], experts_list[-1]
         print(f"scaling E={hi} / E={lo} (each normalized by its own dense run): " + " | ".join(
