@@ -12,11 +12,11 @@ expert multiplies every row and the cost grows with E. Here the work is split in
 - **The overflow.** Rows past `capacity` (experts well above their expected share) are walked by a loop
   over only those experts, in blocks: as many full blocks of `block` rows as fit, then the rows
   left, rounded up to a multiple of `granule`, in parts of granule x 2^k rows (the binary digits
-  of their count: at most log2(block / granule) + 1 parts, each size compiled once). Each visited expert's weights are copied out of the stacked [E, D, F] arrays and its
-  gradients added back: a fixed cost per expert, which is why this part is kept to the experts
-  that need it. Nothing is dropped: a skewed routing costs more loop steps and leaves slots of the
-  batched part empty (at worst, every row in one expert, about twice the FLOPs of the rows), never
-  wrong rows.
+  of their count in granules: log2(block / granule) + 1 part sizes to compile). Each visited
+  expert's weights are copied out of the stacked [E, D, F] arrays and its gradients added back: a
+  fixed cost per expert, which is why this part is kept to the experts that need it. Nothing is
+  dropped: a skewed routing costs more loop steps and leaves slots of the batched part empty (at
+  worst, every row in one expert, about twice the FLOPs of the rows), never wrong rows.
 
 Experts are visited in order, so an expert's rounded-up last part may spill into rows of the experts
 after it: those rows are taken from the batched part or rewritten when their own expert is
@@ -57,15 +57,15 @@ def _walk_rows(start, count, block: int, granule: int, carry, visit):
     for k in reversed(range((block // granule).bit_length())):
         size = granule << k
         has_part = (granules >> k) & 1
-        carry = jax.lax.cond(has_part == 1, lambda c, r=row0, s=size, v=jnp.minimum(left, size): visit(c, r, s, v),
-                             lambda c: c, carry)
+        valid = jnp.minimum(left, size)
+        carry = jax.lax.cond(has_part == 1, lambda c, r=row0, s=size, v=valid: visit(c, r, s, v), lambda c: c, carry)
         row0, left = row0 + has_part * size, left - has_part * size
     return carry
 
 
 def default_granule(block: int, rows: int = 0, experts: int = 1) -> int:
     """The overflow's rounding: at most 16 granules per block, so at most 5 part sizes to compile (a
-    `lax.cond` each, in the forward and the backward) and 5 parts per expert; fewer than 8 rows in vain per
+    `lax.cond` each, in the forward and the backward) and 4 parts per expert; fewer than 8 rows in vain per
     expert for blocks of up to 128 rows (fewer than 16 for the default 256); coarser where an expert's
     expected share of the `rows` is large, so that the rounding wastes at most 1/32 of it: the demo MoE
     (2,048 rows per expert, 256-row blocks) has 3 part sizes (64, 128, 256 rows)."""
