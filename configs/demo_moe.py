@@ -18,6 +18,6 @@ def get_config(variant: str | None = None):
     c.moe.update(num_experts=4, top_k=2, dispatcher="alltoall", train_capacity_factor=1.25,
                  eval_capacity_factor=2.0, group_size=256, load_balance_weight=0.01, router_z_weight=0.001)
     if variant == "tiny":
-        # ~32 rows per expert and device: small CPU blocks keep grouped_ffn's remainder part sizes few (compile time)
+        # ~32 rows per expert and device: small CPU blocks keep grouped_ffn's remainder branches few (compile time)
         c.moe.update(group_size=64, grouped_block=32)
     return c

@@ -297,11 +297,10 @@ def test_default_granule_divides_the_block_and_bounds_sizes_and_waste():
 @pytest.mark.parametrize("counts,granule", [([5, 0, 37, 16, 1, 0, 22, 3], 4), ([0, 0, 0, 0, 0, 0, 0, 84], 4),
                                             ([0] * 8, 4), ([3, 17, 30, 0, 9, 0, 0, 20], 2)])
 def test_grouped_ffn_matches_a_loop_over_experts(counts, granule, capacity):
-    """The batched part (capacity rows per expert; default 16 here) and the loop's full blocks and its
-    last rows in parts of granule x 2^k rows, the last one spilling into the next experts (capacity 4:
-    with granule 2, 13 rows left run as parts of 8, 4 and 2 rows, and 10 as 8 and 2; capacity 16 for
-    84 rows in one expert); 40: no overflow at all. Values and all gradients against every expert
-    applied to every row, masked."""
+    """The batched part (capacity rows per expert; default 16 here) and the loop's full blocks and
+    rounded-up blocks spilling into the next experts (capacity 4: with granule 2, 13 rows left run as
+    one block of 14, 5 as one of 6; capacity 16 for 84 rows in one expert); 40: no overflow at all.
+    Values and all gradients against every expert applied to every row, masked."""
     rng = np.random.default_rng(5)
     rows = 90  # > sum(counts): trailing rows are padding, with nonzero inputs that must not leak
     x = jnp.asarray(rng.normal(size=(rows, D)), jnp.float32)

@@ -10,15 +10,15 @@ expert multiplies every row and the cost grows with E. Here the work is split in
   capacity is an expert's expected share of the rows plus one standard deviation of a random
   routing's count, so the zero slots cost little and few experts overflow.
 - **The overflow.** Rows past `capacity` (experts well above their expected share) are walked by a loop
-  over only those experts, in blocks: as many full blocks of `block` rows as fit, then the rows
-  left, rounded up to a multiple of `granule`, in parts of granule x 2^k rows (the binary digits
-  of their count in granules: log2(block / granule) + 1 part sizes to compile). Each visited
-  expert's weights are copied out of the stacked [E, D, F] arrays and its gradients added back: a
-  fixed cost per expert, which is why this part is kept to the experts that need it. Nothing is
-  dropped: a skewed routing costs more loop steps and leaves slots of the batched part empty (at
-  worst, every row in one expert, about twice the FLOPs of the rows), never wrong rows.
+  over only those experts, in blocks: one block rounded up to a multiple of `granule` rows (a
+  `lax.switch` over the block/granule possible sizes), then as many full blocks of `block` rows
+  as fit. Each visited expert's weights are copied out of the stacked [E, D, F] arrays and its
+  gradients added back: a fixed cost per expert, which is why this part is kept to the experts
+  that need it. Nothing is dropped: a skewed routing costs more loop steps and leaves slots of the
+  batched part empty (at worst, every row in one expert, about twice the FLOPs of the rows), never
+  wrong rows.
 
-Experts are visited in order, so an expert's rounded-up last part may spill into rows of the experts
+Experts are visited in order, so an expert's rounded-up block may spill into rows of the experts
 after it: those rows are taken from the batched part or rewritten when their own expert is
 visited (and masked out of this expert's weight gradients). The backward pass is written by
 hand: the batched part's gradients are batched matmuls; the overflow recomputes its gate and up
@@ -42,33 +42,26 @@ import jax.numpy as jnp
 CAPACITY_STDS = 1.0
 
 
-def _walk_rows(start, count, block: int, granule: int, carry, visit):
-    """Walks [start, start + count) in blocks, carry = visit(carry, row0, size, valid_rows) for each, with
-    `size` static and `valid_rows` dynamic: first the full blocks of `block` rows (a loop), then the rows
-    left, rounded up to a multiple of `granule`, as at most one part of each size granule x 2^k, k = 0, 1,
-    ...: the binary digits of the rounded count, largest part first, each behind a `lax.cond`. So there
-    are log2(block / granule) + 1 part sizes to compile, not block / granule, and no rows beyond the
-    rounding are computed in vain. Only the last part can reach past the rows (valid_rows < size).
+def _walk_rows(start, count, block: int, granule: int, carry, visit_rest, visit_full, skip_rest=lambda c: c):
+    """Walks [start, start + count) in blocks: first the rows past the last full block, in one block
+    rounded up to a multiple of `granule` (carry = visit_rest(carry, row0, size, valid_rows), with
+    `size` static and `valid_rows` dynamic; skip_rest(carry) when there are none), then the full
+    blocks (carry = visit_full(carry, row0)). The rest comes first so that the backward's weight
+    gradients can start from its dots instead of from zeros.
     """
     full = count // block
-    carry = jax.lax.fori_loop(0, full, lambda i, c: visit(c, start + i * block, block, block), carry)
-    row0, left = start + full * block, count - full * block
-    granules = (left + granule - 1) // granule
-    for k in reversed(range((block // granule).bit_length())):
-        size = granule << k
-        has_part = (granules >> k) & 1
-        valid = jnp.minimum(left, size)
-        carry = jax.lax.cond(has_part == 1, lambda c, r=row0, s=size, v=valid: visit(c, r, s, v), lambda c: c, carry)
-        row0, left = row0 + has_part * size, left - has_part * size
-    return carry
+    offset, rest = start + full * block, count - full * block
+    sizes = range(granule, block + 1, granule)
+    branches = [skip_rest] + [lambda c, s=size: visit_rest(c, offset, s, rest) for size in sizes]
+    carry = jax.lax.switch((rest + granule - 1) // granule, branches, carry)
+    return jax.lax.fori_loop(0, full, lambda i, c: visit_full(c, start + i * block), carry)
 
 
 def default_granule(block: int, rows: int = 0, experts: int = 1) -> int:
-    """The overflow's rounding: at most 16 granules per block, so at most 5 part sizes to compile (a
-    `lax.cond` each, in the forward and the backward) and 4 parts per expert; fewer than 8 rows in vain per
-    expert for blocks of up to 128 rows (fewer than 16 for the default 256); coarser where an expert's
-    expected share of the `rows` is large, so that the rounding wastes at most 1/32 of it: the demo MoE
-    (2,048 rows per expert, 256-row blocks) has 3 part sizes (64, 128, 256 rows)."""
+    """The overflow's rounding: at most 16 sizes to compile (a `lax.switch` branch each, in the forward and
+    the backward), fewer than 8 rows in vain per expert for blocks of up to 128 rows (fewer than 16 for the
+    default 256); coarser where an expert's expected share of the `rows` is large, so that the rounding
+    wastes at most 1/32 of it: the demo MoE (2,048 rows per expert, 256-row blocks) compiles 4 sizes."""
     granule = max(min(8, block), block // 16, min(block // 4, rows // (32 * max(experts, 1))))
     while block % granule:
         granule -= 1
@@ -156,11 +149,12 @@ def _forward(x, counts, w_gate, w_up, w_down, block, granule, capacity):
         e = layout.overflow_experts[i]
         wg, wu, wd = w_gate[e], w_up[e], w_down[e]
 
-        def visit(y, row0, size, _valid):
+        def visit(y, row0, size, _=None):
             xb = jax.lax.dynamic_slice_in_dim(xp, row0, size)
             return jax.lax.dynamic_update_slice_in_dim(y, (jax.nn.silu(xb @ wg) * (xb @ wu)) @ wd, row0, 0)
 
-        return _walk_rows(layout.starts[e] + capacity, counts[e] - capacity, block, granule, y, visit)
+        return _walk_rows(layout.starts[e] + capacity, counts[e] - capacity, block, granule, y, visit,
+                          lambda y, row0: visit(y, row0, block))
 
     y_overflow = jax.lax.fori_loop(0, layout.num_overflow, expert, jnp.zeros_like(xp))
     return _combine(layout, ye, y_overflow), (x, counts, w_gate, w_up, w_down, xe, g, u)
@@ -198,15 +192,21 @@ def _backward(block, granule, capacity, residuals, dy):
             dgb, dub, hb = swiglu_grads(dyb, xb @ wg, xb @ wu, wd)
             return dgb @ wg.T + dub @ wu.T, (xb.T @ dgb, xb.T @ dub, hb.T @ dyb)
 
-        def visit(carry, row0, size, valid):
+        def visit_rest(dx, row0, size, valid):
+            dx_block, dw_expert = block_grads(row0, size, valid)
+            return jax.lax.dynamic_update_slice_in_dim(dx, dx_block, row0, 0), dw_expert
+
+        def visit_full(carry, row0):
             dx, dw_expert = carry
-            dx_block, dw_block = block_grads(row0, size, valid)
+            dx_block, dw_block = block_grads(row0, block, block)
             return (jax.lax.dynamic_update_slice_in_dim(dx, dx_block, row0, 0),
                     tuple(a + b for a, b in zip(dw_expert, dw_block)))
 
-        zeros = (jnp.zeros_like(wg), jnp.zeros_like(wu), jnp.zeros_like(wd))
-        dx, dw_expert = _walk_rows(layout.starts[e] + capacity, counts[e] - capacity, block, granule, (dx, zeros),
-                                   visit)
+        def skip_rest(dx):
+            return dx, (jnp.zeros_like(wg), jnp.zeros_like(wu), jnp.zeros_like(wd))
+
+        dx, dw_expert = _walk_rows(layout.starts[e] + capacity, counts[e] - capacity, block, granule, dx,
+                                   visit_rest, visit_full, skip_rest)
         return dx, tuple(a.at[e].add(b) for a, b in zip(dw, dw_expert))
 
     dx_overflow, (dwg, dwu, dwd) = jax.lax.fori_loop(0, layout.num_overflow, expert, (jnp.zeros_like(xp), dw))
